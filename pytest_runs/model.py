@@ -1,0 +1,189 @@
+"""The run record and its public JSON contract.
+
+A :class:`Run` serialises to a JSON object whose keys, order and value types are a
+public contract read by other tools: snake_case keys, ``null`` for unset pointers,
+RFC 3339 UTC timestamps with microseconds, ``batch_id``/``plan_entry`` and the
+owner fields left out when empty, and unknown keys carried through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["OPTIONAL_KEYS", "PrepareOutcome", "Run", "Status", "format_timestamp", "parse_timestamp"]
+
+
+class Status(enum.StrEnum):
+    """Lifecycle state of a run. The string values are the JSON contract."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run has ended; a terminal run never transitions again."""
+        return self not in (Status.PENDING, Status.RUNNING)
+
+
+class PrepareOutcome(enum.Enum):
+    """What :meth:`Store.prepare_atomic <pytest_runs.Store.prepare_atomic>` did."""
+
+    #: A fresh pending run was created; the returned run is new.
+    CREATED = "created"
+    #: A non-terminal run with the same (machine, hash) exists; it is returned.
+    REUSE = "reuse"
+    #: The machine holds a non-terminal run for another hash; the occupying run is returned.
+    BUSY = "busy"
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and a ``Z``: ``2026-11-26T18:04:58.123456Z``."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"timestamp {moment.isoformat()} has no time zone; use an aware datetime")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Read an RFC 3339 timestamp (any offset, any fraction length) as an aware UTC datetime."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no time zone offset")
+    return moment.astimezone(UTC)
+
+
+# Keys written only when they hold a value, so that the JSON of a plain single run
+# is the same as before batches and owners existed.
+OPTIONAL_KEYS = frozenset(
+    {
+        "batch_id",
+        "plan_entry",
+        "owner_host",
+        "owner_boot_id",
+        "owner_pid",
+        "owner_started",
+        "heartbeat_at",
+        "owner_ci_url",
+    }
+)
+_TIMESTAMP_KEYS = frozenset({"started_at", "ended_at", "heartbeat_at"})
+_OPTIONAL_INT_KEYS = frozenset({"exit_code", "owner_pid"})
+
+
+@dataclasses.dataclass
+class Run:
+    """The persisted record of one test dispatch on one machine.
+
+    The dataclass fields are exactly the JSON keys, in JSON order. ``exit_code``,
+    ``started_at`` and ``ended_at`` stay ``None`` while the run is pending.
+    """
+
+    id: str = ""
+    machine: str = ""
+    test_dir: str = ""
+    test_dir_hash: str = ""
+    status: Status = Status.PENDING
+    exit_code: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    artifacts_path: str = ""
+    logs_path: str = ""
+    error_code: str = ""
+    error_msg: str = ""
+    batch_id: str = ""
+    plan_entry: str = ""
+    #: Hostname of the process that owns (runs) this run.
+    owner_host: str = ""
+    #: The kernel boot ID of the owner's host, so that a reboot is noticed.
+    owner_boot_id: str = ""
+    #: PID of the owning process.
+    owner_pid: int | None = None
+    #: Start time of the owning process (clock ticks since boot), so a reused PID is not mistaken for it.
+    owner_started: str = ""
+    #: Last time the owner proved it was alive.
+    heartbeat_at: datetime | None = None
+    #: The CI job's URL when the owner runs in CI.
+    owner_ci_url: str = ""
+
+    def __post_init__(self) -> None:
+        # Not a dataclass field: the fields are exactly the contract's keys. Keys written by
+        # a newer version live here so that they survive a round trip through this one.
+        self.unknown_keys: dict[str, Any] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the run contract: plain JSON types, keys in contract order."""
+        out: dict[str, Any] = {}
+        for field in _CONTRACT_FIELDS:
+            value = getattr(self, field.name)
+            if field.name in OPTIONAL_KEYS and value in ("", None):
+                continue
+            if isinstance(value, Status):
+                value = value.value
+            elif isinstance(value, datetime):
+                value = format_timestamp(value)
+            out[field.name] = value
+        for key, value in self.unknown_keys.items():
+            out.setdefault(key, value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Run:
+        """Read a run from its JSON object; raises ``ValueError`` naming the bad key."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a run must be a JSON object, not {type(data).__name__}")
+        values: dict[str, Any] = {}
+        unknown: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in _FIELD_NAMES:
+                unknown[key] = value
+            else:
+                values[key] = _decode(key, value)
+        run = cls(**values)
+        run.unknown_keys = unknown
+        return run
+
+    @property
+    def short_hash(self) -> str:
+        """The first 12 hex digits of ``test_dir_hash``, for people."""
+        return self.test_dir_hash[:12]
+
+
+_CONTRACT_FIELDS = dataclasses.fields(Run)
+_FIELD_NAMES = frozenset(f.name for f in _CONTRACT_FIELDS)
+
+
+def _decode(key: str, value: Any) -> Any:
+    if key == "status":
+        try:
+            return Status(value)
+        except ValueError:
+            known = ", ".join(s.value for s in Status)
+            raise ValueError(f"unknown status {value!r} (known: {known})") from None
+    if key in _TIMESTAMP_KEYS:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a timestamp string or null, not {value!r}")
+        try:
+            return parse_timestamp(value)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
+    if key in _OPTIONAL_INT_KEYS:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{key} must be an integer or null, not {value!r}")
+        return value
+    if value is None and key in OPTIONAL_KEYS:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, not {value!r}")
+    return value

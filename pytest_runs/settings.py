@@ -1,0 +1,50 @@
+"""Settings shared by the plugin and the command line: where the store is, what a valid value is."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["STATE_DIR_ENV", "check_machine_name", "default_state_dir", "parse_seconds", "resolve_state_dir"]
+
+STATE_DIR_ENV = "PYTEST_RUNS_STATE_DIR"
+_MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$XDG_STATE_HOME/pytest-runs``, else ``~/.local/state/pytest-runs``."""
+    xdg = environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "pytest-runs"
+
+
+def resolve_state_dir(given: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The state dir: ``given`` if set, else ``$PYTEST_RUNS_STATE_DIR``, else the default."""
+    chosen = given or environ.get(STATE_DIR_ENV) or ""
+    return Path(chosen).expanduser() if chosen else default_state_dir(environ)
+
+
+def check_machine_name(name: str) -> str:
+    """Return ``name`` if it is a valid machine name, else raise ``ValueError`` saying why."""
+    if not _MACHINE_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid machine name {name!r}: use 1-128 characters from letters, digits and '._-:@', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_seconds(text: str, what: str, *, allow_zero: bool = True) -> float:
+    """A non-negative, finite number of seconds; ``ValueError`` naming ``what`` otherwise."""
+    try:
+        seconds = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        limit = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{what} must be a {limit} number of seconds, not {text!r}")
+    return seconds

@@ -1,0 +1,536 @@
+"""The run store: runs persisted to one JSON state file behind two locks.
+
+Every public method takes an in-process lock (threads), then a cross-process
+``filelock`` lock on a separate lock file (processes), reads the state file,
+acts, writes it back if it changed, and releases both before returning. Nothing
+is cached between calls, so any number of processes and ``Store`` objects on one
+directory see each other's writes.
+
+Writes are atomic and durable: the new state goes to a temporary file in the
+same directory, which is flushed and fsynced, renamed over the state file with
+``os.replace``, and the directory is fsynced. A writer killed at any moment
+leaves either the old or the new state.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import copy
+import dataclasses
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .model import PrepareOutcome, Run, Status
+
+# An alias, because inside Store the name ``list`` is the method.
+RunList = list[Run]
+
+__all__ = [
+    "FORMAT_VERSION",
+    "InvalidTransition",
+    "MachineState",
+    "RunEnded",
+    "RunNotFound",
+    "StateError",
+    "Store",
+    "run_created_at",
+]
+
+STATE_FILE_NAME = "runs.json"
+LOCK_FILE_NAME = "runs.lock"
+RUNS_DIR_NAME = "runs"
+FORMAT_NAME = "pytest-runs-state"
+#: The state file format this version writes, and the newest it can read.
+FORMAT_VERSION = 1
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_GENERATED_ID = re.compile(r"^(\d{8})-(\d{6})-(\d{6})-[0-9a-f]+$")
+
+
+class RunNotFound(LookupError):
+    """No run with the requested ID exists in the store."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with ID {run_id!r}")
+        self.run_id = run_id
+
+
+class StateError(Exception):
+    """The state on disk cannot be used; the message names the file and the problem."""
+
+
+class InvalidTransition(ValueError):
+    """An update would break a store invariant (a terminal run changing status, a run changing machine)."""
+
+
+class RunEnded(Exception):
+    """The run has already ended; ``run`` is its stored, terminal record."""
+
+    def __init__(self, run: Run, action: str) -> None:
+        super().__init__(
+            f"run {run.id} has already ended as {run.status.value}"
+            + (f" ({run.error_code})" if run.error_code else "")
+            + f"; cannot {action} it"
+        )
+        self.run = run
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineState:
+    """What the store knows about one machine."""
+
+    machine: str
+    #: The earliest-inserted pending or running run, or ``None`` when the machine is idle.
+    active: Run | None
+    #: The run that ended most recently, or ``None``.
+    last: Run | None
+
+
+def run_created_at(run_id: str) -> datetime | None:
+    """When a store-generated run ID was created (IDs embed it), else ``None``."""
+    match = _GENERATED_ID.match(run_id)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime("".join(match.groups()), "%Y%m%d%H%M%S%f").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _require_name(value: str, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def _oserror_text(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+class Store:
+    """Runs persisted to ``<state_dir>/runs.json``, safe across threads and processes.
+
+    ``state_dir`` is created with mode 0700 when missing. Returned runs are copies:
+    changing one changes nothing until :meth:`update`.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.state_path = self.state_dir / STATE_FILE_NAME
+        self.lock_path = self.state_dir / LOCK_FILE_NAME
+        self._prepare_dir()
+        self._mutex = threading.Lock()
+        self._inside = threading.local()
+        # One lock object per Store; preserve_lock_file keeps the lock file's inode forever
+        # (and rules out filelock's soft fallback, which would unlink it).
+        self._file_lock = FileLock(self.lock_path, mode=0o600, preserve_lock_file=True)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.state_dir)!r})"
+
+    # -- the contract of the Go store -------------------------------------------------
+
+    def create(self, run: Run) -> Run:
+        """Give ``run`` a fresh ID (overwriting any it had), append and persist it; return it."""
+        with self._locked() as runs:
+            self._append(runs, run)
+            self._write(runs)
+        return run
+
+    def get(self, run_id: str) -> Run:
+        """A copy of the run with that ID; :class:`RunNotFound` if there is none."""
+        with self._locked() as runs:
+            return _copy(runs[self._index(runs, run_id)])
+
+    def list(self) -> RunList:
+        """Every run, in insertion order."""
+        with self._locked() as runs:
+            return runs
+
+    def update(self, run: Run) -> None:
+        """Overwrite the stored record with ``run.id``.
+
+        Raises :class:`RunNotFound` for an unknown ID and :class:`InvalidTransition` when
+        the update would move a terminal run to another status or change a run's machine
+        or test-dir hash (either could put two active runs on one machine).
+        """
+        with self._locked() as runs:
+            index = self._index(runs, run.id)
+            _check_transition(runs[index], run)
+            runs[index] = _copy(run)
+            self._write(runs)
+
+    def active_by_machine(self, name: str) -> Run | None:
+        """The earliest-inserted pending or running run on machine ``name``, or ``None``."""
+        with self._locked() as runs:
+            return _active(runs, name)
+
+    def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> RunList:
+        """Every run with that (hash, machine), in insertion order."""
+        with self._locked() as runs:
+            return [r for r in runs if r.test_dir_hash == test_dir_hash and r.machine == machine]
+
+    def prepare_atomic(self, machine: str, test_dir_hash: str, mk: Callable[[], Run]) -> tuple[Run, PrepareOutcome]:
+        """Reuse, report busy, or create, all in one critical section.
+
+        If ``machine`` has a non-terminal run with ``test_dir_hash``, return it with
+        ``REUSE``; if it has one with another hash, return that with ``BUSY``; otherwise
+        call ``mk()`` (only then) for the pending run to create, give it an ID, persist it
+        and return it with ``CREATED``. Two callers can never both create a run for one
+        machine. ``mk`` must not call this store.
+        """
+        _require_name(machine, "machine")
+        _require_name(test_dir_hash, "test dir hash")
+        with self._locked() as runs:
+            active = _active(runs, machine)
+            if active is not None:
+                outcome = PrepareOutcome.REUSE if active.test_dir_hash == test_dir_hash else PrepareOutcome.BUSY
+                return active, outcome
+            run = mk()
+            if not isinstance(run, Run):
+                raise TypeError(f"mk() must return a Run, not {type(run).__name__}")
+            for field, wanted in (("machine", machine), ("test_dir_hash", test_dir_hash)):
+                if getattr(run, field) not in ("", wanted):
+                    raise ValueError(f"mk() returned a run with {field}={getattr(run, field)!r}, not {wanted!r}")
+                setattr(run, field, wanted)
+            if run.status.is_terminal:
+                raise ValueError(f"mk() must return a pending or running run, not {run.status.value}")
+            self._append(runs, run)
+            self._write(runs)
+            return _copy(run), PrepareOutcome.CREATED
+
+    # -- lifecycle rules shared by the plugin and the command line --------------------
+
+    def start(self, run_id: str, **changes: Any) -> Run:
+        """Claim a pending run: mark it running (``started_at`` now unless given) with ``changes``.
+
+        Atomic, so of several sessions claiming one reservation exactly one wins; the
+        others get :class:`InvalidTransition` (it is running) or :class:`RunEnded`.
+        """
+
+        def claim(run: Run) -> None:
+            if run.status.is_terminal:
+                raise RunEnded(run, "start")
+            if run.status is not Status.PENDING:
+                raise InvalidTransition(f"run {run.id} is already {run.status.value}")
+            changes.setdefault("started_at", _utcnow())
+            _apply(run, status=Status.RUNNING, **changes)
+
+        return self._modify(run_id, claim)
+
+    def finish(
+        self,
+        run_id: str,
+        status: Status,
+        *,
+        exit_code: int | None = None,
+        error_code: str = "",
+        error_msg: str = "",
+        ended_at: datetime | None = None,
+    ) -> Run:
+        """End a non-terminal run with a terminal ``status``; :class:`RunEnded` if it already ended.
+
+        A run ended elsewhere (released, reclaimed) is never overwritten.
+        """
+        if not Status(status).is_terminal:
+            raise ValueError(f"finish needs a terminal status, not {Status(status).value}")
+
+        def end(run: Run) -> None:
+            if run.status.is_terminal:
+                raise RunEnded(run, "finish")
+            _apply(
+                run,
+                status=Status(status),
+                exit_code=exit_code,
+                error_code=error_code,
+                error_msg=error_msg,
+                ended_at=ended_at or _utcnow(),
+            )
+
+        return self._modify(run_id, end)
+
+    def release(self, run_id: str, reason: str) -> Run:
+        """Free a machine whose holder is gone: end the run as ``interrupted``/``released``."""
+        _require_name(reason, "reason")
+
+        def end(run: Run) -> None:
+            if run.status.is_terminal:
+                raise RunEnded(run, "release")
+            _apply(
+                run,
+                status=Status.INTERRUPTED,
+                error_code="released",
+                error_msg=f"released: {reason}",
+                ended_at=_utcnow(),
+            )
+
+        return self._modify(run_id, end)
+
+    def machines(self) -> builtins.list[MachineState]:
+        """One entry per machine seen in the store, sorted by name."""
+        with self._locked() as runs:
+            names = sorted({r.machine for r in runs})
+            states = []
+            for name in names:
+                ended = [r for r in runs if r.machine == name and r.status.is_terminal]
+                last = max(ended, key=_end_order, default=None)
+                states.append(MachineState(machine=name, active=_active(runs, name), last=last))
+            return states
+
+    def prune(
+        self,
+        *,
+        keep: int | None = None,
+        older_than: timedelta | None = None,
+        dry_run: bool = False,
+        now: datetime | None = None,
+    ) -> RunList:
+        """Delete terminal runs, and their run folders, by one rule; return the runs removed.
+
+        ``keep=N`` keeps the N newest terminal runs of each machine; ``older_than`` removes
+        terminal runs whose ``ended_at`` is older than that. Pending and running runs are
+        never touched. With ``dry_run`` nothing is deleted.
+        """
+        if (keep is None) == (older_than is None):
+            raise ValueError("prune needs exactly one of keep or older_than")
+        if keep is not None and keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        cutoff = (now or _utcnow()) - older_than if older_than is not None else None
+        with self._locked() as runs:
+            doomed_ids: set[str] = set()
+            if keep is not None:
+                for name in {r.machine for r in runs}:
+                    ended = sorted(
+                        (r for r in runs if r.machine == name and r.status.is_terminal),
+                        key=_end_order,
+                        reverse=True,
+                    )
+                    doomed_ids.update(r.id for r in ended[keep:])
+            else:
+                assert cutoff is not None
+                doomed_ids = {
+                    r.id for r in runs if r.status.is_terminal and r.ended_at is not None and r.ended_at < cutoff
+                }
+            doomed = [r for r in runs if r.id in doomed_ids]
+            if doomed and not dry_run:
+                self._write([r for r in runs if r.id not in doomed_ids])
+        if not dry_run:
+            for run in doomed:
+                self._remove_files(run)
+        return doomed
+
+    def run_dir(self, run_id: str) -> Path:
+        """The folder that holds a run's log and artifacts: ``<state_dir>/runs/<id>``.
+
+        Refuses an ID that could point anywhere else.
+        """
+        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+            raise StateError(f"run ID {run_id!r} is not a safe path component; refusing to build paths from it")
+        return self.state_dir / RUNS_DIR_NAME / run_id
+
+    # -- internals --------------------------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        if not self.state_dir.is_dir():
+            try:
+                self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+                self.state_dir.mkdir(mode=0o700)
+                # mkdir's mode is filtered through the umask; make it exactly 0700.
+                os.chmod(self.state_dir, 0o700)
+            except FileExistsError:
+                if not self.state_dir.is_dir():
+                    raise StateError(f"state dir {self.state_dir} exists and is not a directory") from None
+            except OSError as error:
+                raise StateError(f"cannot create state dir {self.state_dir}: {_oserror_text(error)}") from None
+        if not os.access(self.state_dir, os.W_OK | os.X_OK):
+            raise StateError(f"state dir {self.state_dir} is not writable")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[RunList]:
+        if getattr(self._inside, "active", False):
+            raise RuntimeError(f"{self!r} was called again from inside one of its own operations (from mk?)")
+        with self._mutex:
+            self._inside.active = True
+            try:
+                self._refuse_symlink(self.lock_path, "lock file")
+                try:
+                    self._file_lock.acquire()
+                except OSError as error:
+                    raise StateError(f"cannot lock {self.lock_path}: {_oserror_text(error)}") from None
+                try:
+                    yield self._read()
+                finally:
+                    self._file_lock.release()
+            finally:
+                self._inside.active = False
+
+    @staticmethod
+    def _refuse_symlink(path: Path, what: str) -> None:
+        if path.is_symlink():
+            raise StateError(f"{what} {path} is a symbolic link; refusing to use it")
+
+    def _read(self) -> RunList:
+        path = self.state_path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StateError(f"state file {path} is a symbolic link; refusing to use it") from None
+            raise StateError(f"cannot read state file {path}: {_oserror_text(error)}") from None
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise StateError(f"state file {path} is not a regular file")
+            raw = handle.read()
+        return _decode_state(raw, path)
+
+    def _write(self, runs: RunList) -> None:
+        document = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "runs": [r.to_dict() for r in runs],
+        }
+        data = (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
+        self._refuse_symlink(self.state_path, "state file")
+        tmp_path: str | None = None
+        try:
+            # mkstemp creates the file 0600 whatever the umask.
+            fd, tmp_path = tempfile.mkstemp(dir=self.state_dir, prefix=f".{STATE_FILE_NAME}.", suffix=".tmp")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_path, self.state_path)
+            tmp_path = None
+            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as error:
+            raise StateError(
+                f"cannot write state file {self.state_path}: {_oserror_text(error)}; the previous state is intact"
+            ) from None
+        finally:
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_path)
+
+    def _append(self, runs: RunList, run: Run) -> None:
+        run.id = _new_id(runs)
+        runs.append(_copy(run))
+
+    @staticmethod
+    def _index(runs: RunList, run_id: str) -> int:
+        for index, run in enumerate(runs):
+            if run.id == run_id:
+                return index
+        raise RunNotFound(run_id)
+
+    def _modify(self, run_id: str, change: Callable[[Run], None]) -> Run:
+        with self._locked() as runs:
+            index = self._index(runs, run_id)
+            change(runs[index])
+            self._write(runs)
+            return runs[index]
+
+    def _remove_files(self, run: Run) -> None:
+        try:
+            folder = self.run_dir(run.id)
+        except StateError:
+            return  # an ID we did not generate: nothing of ours to delete
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _decode_state(raw: bytes, path: Path) -> RunList:
+    if not raw.strip():
+        raise StateError(f"state file {path} is empty; refusing to treat it as an empty store")
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StateError(f"state file {path} is not valid JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise StateError(f'state file {path} is not a pytest-runs state file (no "format": "{FORMAT_NAME}")')
+    version = document.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StateError(f"state file {path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise StateError(
+            f"state file {path} has format version {version}, newer than this pytest-runs reads "
+            f"({FORMAT_VERSION}); upgrade pytest-runs"
+        )
+    records = document.get("runs")
+    if not isinstance(records, list):
+        raise StateError(f'state file {path} has no "runs" list')
+    runs = []
+    for position, record in enumerate(records):
+        try:
+            runs.append(Run.from_dict(record))
+        except (TypeError, ValueError) as error:
+            raise StateError(f"state file {path}: run #{position}: {error}") from None
+    return runs
+
+
+def _copy(run: Run) -> Run:
+    duplicate: Run = copy.deepcopy(run)
+    return duplicate
+
+
+def _active(runs: RunList, machine: str) -> Run | None:
+    for run in runs:
+        if run.machine == machine and not run.status.is_terminal:
+            return _copy(run)
+    return None
+
+
+def _end_order(run: Run) -> tuple[datetime, str]:
+    return (run.ended_at or datetime.min.replace(tzinfo=UTC), run.id)
+
+
+def _apply(run: Run, **changes: Any) -> None:
+    for name, value in changes.items():
+        if not hasattr(run, name) or name == "id":
+            raise TypeError(f"unknown or read-only run field {name!r}")
+        setattr(run, name, value)
+
+
+def _check_transition(stored: Run, new: Run) -> None:
+    if stored.status.is_terminal and new.status != stored.status:
+        raise InvalidTransition(
+            f"run {stored.id} has ended as {stored.status.value}; it cannot become {Status(new.status).value}"
+        )
+    for field in ("machine", "test_dir_hash"):
+        if getattr(new, field) != getattr(stored, field):
+            raise InvalidTransition(f"run {stored.id}: {field} cannot change after creation")
+
+
+def _new_id(runs: RunList) -> str:
+    """``YYYYMMDD-HHMMSS-ffffff-xxxxxx``: sorts in creation order, safe in paths and URLs."""
+    moment = _utcnow()
+    # Created under the store lock, so a strictly later time than every earlier ID
+    # keeps IDs in creation order even if the clock steps back.
+    latest = max((created for r in runs if (created := run_created_at(r.id)) is not None), default=None)
+    if latest is not None and moment <= latest:
+        moment = latest + timedelta(microseconds=1)
+    return moment.strftime("%Y%m%d-%H%M%S-%f") + "-" + secrets.token_hex(3)
