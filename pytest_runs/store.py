@@ -348,19 +348,19 @@ class Store:
     # -- internals --------------------------------------------------------------------
 
     def _prepare_dir(self) -> None:
-        if not self.state_dir.is_dir():
+        where = self.state_dir
+        if not where.is_dir():
+            if where.exists() or where.is_symlink():
+                raise StateError(f"state dir {where} exists and is not a directory")
             try:
-                self.state_dir.parent.mkdir(parents=True, exist_ok=True)
-                self.state_dir.mkdir(mode=0o700)
+                where.mkdir(mode=0o700, parents=True, exist_ok=True)
                 # mkdir's mode is filtered through the umask; make it exactly 0700.
-                os.chmod(self.state_dir, 0o700)
-            except FileExistsError:
-                if not self.state_dir.is_dir():
-                    raise StateError(f"state dir {self.state_dir} exists and is not a directory") from None
+                os.chmod(where, 0o700)
             except OSError as error:
-                raise StateError(f"cannot create state dir {self.state_dir}: {_oserror_text(error)}") from None
-        if not os.access(self.state_dir, os.W_OK | os.X_OK):
-            raise StateError(f"state dir {self.state_dir} is not writable")
+                reason = "a parent is not a directory" if isinstance(error, FileExistsError) else _oserror_text(error)
+                raise StateError(f"cannot create state dir {where}: {reason}") from None
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise StateError(f"state dir {where} is not writable")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[RunList]:
@@ -410,6 +410,7 @@ class Store:
         }
         data = (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode()
         self._refuse_symlink(self.state_path, "state file")
+        self._remove_orphaned_temporaries()
         tmp_path: str | None = None
         try:
             # mkstemp creates the file 0600 whatever the umask.
@@ -436,6 +437,13 @@ class Store:
             if tmp_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_path)
+
+    def _remove_orphaned_temporaries(self) -> None:
+        # Temporaries are only written under the file lock, which we hold: any still here
+        # belong to a writer that was killed mid-write.
+        for orphan in self.state_dir.glob(f".{STATE_FILE_NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                orphan.unlink()
 
     def _append(self, runs: RunList, run: Run) -> None:
         run.id = _new_id(runs)

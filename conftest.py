@@ -1,0 +1,18 @@
+"""Keep the developer's own pytest-runs settings out of the test suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_runs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    for name in list(os.environ):
+        if name.startswith("PYTEST_RUNS_"):
+            monkeypatch.delenv(name)
+    # Whatever a test forgets to point elsewhere lands in a throwaway folder, never in ~/.local/state.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))

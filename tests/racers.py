@@ -1,0 +1,48 @@
+"""Work for child processes in the race tests (a module, so that spawned children can import it)."""
+
+from __future__ import annotations
+
+import multiprocessing.synchronize
+import sys
+
+from pytest_runs import Run, Status, Store
+
+
+def prepare_once(
+    state_dir: str, machine: str, test_dir_hash: str, start: multiprocessing.synchronize.Barrier
+) -> tuple[str, str]:
+    store = Store(state_dir)
+    start.wait()
+    run, outcome = store.prepare_atomic(machine, test_dir_hash, lambda: Run(test_dir=f"/tests/{test_dir_hash}"))
+    return run.id, outcome.name
+
+
+def create_and_update(state_dir: str, worker: int, count: int, start: multiprocessing.synchronize.Barrier) -> list[str]:
+    store = Store(state_dir)
+    start.wait()
+    ids = []
+    for index in range(count):
+        run = store.create(Run(machine=f"w{worker}-{index}", test_dir_hash="h"))
+        run.status = Status.RUNNING
+        run.error_msg = f"worker {worker} step 1"
+        store.update(run)
+        run.status = Status.COMPLETED
+        run.exit_code = worker * 1000 + index
+        store.update(run)
+        ids.append(run.id)
+    return ids
+
+
+def create_forever(state_dir: str) -> None:
+    """Create runs until killed, printing each ID once ``create`` has returned."""
+    store = Store(state_dir)
+    index = 0
+    while True:
+        run = store.create(Run(machine=f"m{index % 4}", test_dir_hash=f"h{index}", error_msg="x" * (index % 300)))
+        sys.stdout.write(run.id + "\n")
+        sys.stdout.flush()
+        index += 1
+
+
+if __name__ == "__main__":
+    create_forever(sys.argv[1])

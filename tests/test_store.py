@@ -1,0 +1,417 @@
+"""The store's methods, outcomes and refusals, one process at a time."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, RunNotFound, StateError, Status, Store
+from pytest_runs.store import FORMAT_VERSION
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "state")
+
+
+def pending(machine: str = "rig-1", test_dir_hash: str = "h1") -> Run:
+    return Run(machine=machine, test_dir="/tests", test_dir_hash=test_dir_hash)
+
+
+# -- create, get, list, update --------------------------------------------------------
+
+
+def test_create_assigns_a_fresh_id_and_persists(store: Store) -> None:
+    run = Run(id="chosen-by-caller", machine="rig-1", test_dir_hash="h")
+    returned = store.create(run)
+    assert returned is run
+    assert run.id != "chosen-by-caller"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run.id)
+    assert store.get(run.id) == run
+    on_disk = json.loads(store.state_path.read_text())
+    assert on_disk["version"] == FORMAT_VERSION
+    assert [r["id"] for r in on_disk["runs"]] == [run.id]
+
+
+def test_ids_are_unique_and_sort_in_creation_order(store: Store) -> None:
+    ids = [store.create(pending(machine=f"m{i}")).id for i in range(50)]
+    assert len(set(ids)) == 50
+    assert sorted(ids) == ids
+
+
+def test_ids_keep_order_when_the_clock_steps_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pytest_runs.store as store_module
+
+    first = store.create(pending()).id
+    monkeypatch.setattr(store_module, "_utcnow", lambda: datetime(2000, 1, 1, tzinfo=UTC))
+    second = store.create(pending()).id
+    assert second > first
+
+
+def test_get_unknown_id(store: Store) -> None:
+    with pytest.raises(RunNotFound, match="no run with ID 'nope'"):
+        store.get("nope")
+    assert issubclass(RunNotFound, LookupError)
+
+
+def test_list_is_in_insertion_order(store: Store) -> None:
+    assert store.list() == []
+    created = [store.create(pending(machine=m)) for m in ("c", "a", "b")]
+    assert [r.machine for r in store.list()] == ["c", "a", "b"]
+    assert store.list() == created
+
+
+def test_update_overwrites_the_record(store: Store) -> None:
+    run = store.create(pending())
+    run.status = Status.RUNNING
+    run.started_at = datetime(2026, 1, 1, tzinfo=UTC)
+    run.logs_path = "/logs/x"
+    store.update(run)
+    assert store.get(run.id) == run
+
+
+def test_update_unknown_id(store: Store) -> None:
+    store.create(pending())
+    with pytest.raises(RunNotFound):
+        store.update(Run(id="missing", machine="rig-1"))
+
+
+def test_terminal_runs_never_transition(store: Store) -> None:
+    run = store.create(pending())
+    run.status = Status.COMPLETED
+    store.update(run)
+    run.error_msg = "annotated later"
+    store.update(run)  # same status: allowed
+    run.status = Status.RUNNING
+    with pytest.raises(InvalidTransition, match="cannot become running"):
+        store.update(run)
+    assert store.get(run.id).status is Status.COMPLETED
+
+
+@pytest.mark.parametrize("field", ["machine", "test_dir_hash"])
+def test_machine_and_hash_are_fixed(store: Store, field: str) -> None:
+    run = store.create(pending())
+    setattr(run, field, "other")
+    with pytest.raises(InvalidTransition, match=field):
+        store.update(run)
+
+
+def test_returned_runs_are_copies(store: Store) -> None:
+    run = store.create(pending())
+    fetched = store.get(run.id)
+    fetched.status = Status.FAILED
+    run.error_msg = "changed after create"
+    assert store.get(run.id).status is Status.PENDING
+    assert store.get(run.id).error_msg == ""
+    store.list()[0].machine = "elsewhere"
+    assert store.get(run.id).machine == "rig-1"
+
+
+def test_two_store_objects_see_each_other(tmp_path: Path) -> None:
+    first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
+    run = first.create(pending())
+    assert second.get(run.id) == run
+    run.status = Status.RUNNING
+    second.update(run)
+    assert first.get(run.id).status is Status.RUNNING
+
+
+# -- queries ----------------------------------------------------------------------------
+
+
+def test_active_by_machine(store: Store) -> None:
+    assert store.active_by_machine("rig-1") is None
+    done = store.create(Run(machine="rig-1", test_dir_hash="h0", status=Status.COMPLETED))
+    assert store.active_by_machine("rig-1") is None
+    first = store.create(pending(test_dir_hash="h1"))
+    store.create(pending(test_dir_hash="h2"))
+    store.create(pending(machine="rig-2"))
+    assert store.active_by_machine("rig-1") == first
+    first.status = Status.RUNNING
+    store.update(first)
+    assert store.active_by_machine("rig-1") == first
+    assert done.id != first.id
+
+
+def test_find_by_test_dir_hash_and_machine(store: Store) -> None:
+    a = store.create(Run(machine="rig-1", test_dir_hash="h", status=Status.FAILED))
+    store.create(pending(machine="rig-2", test_dir_hash="h"))
+    store.create(pending(machine="rig-1", test_dir_hash="other"))
+    b = store.create(pending(machine="rig-1", test_dir_hash="h"))
+    assert store.find_by_test_dir_hash_and_machine("h", "rig-1") == [a, b]
+    assert store.find_by_test_dir_hash_and_machine("nope", "rig-1") == []
+
+
+# -- prepare_atomic ---------------------------------------------------------------------
+
+
+def test_prepare_creates_on_an_idle_machine(store: Store) -> None:
+    calls: list[int] = []
+
+    def mk() -> Run:
+        calls.append(1)
+        return Run(test_dir="/tests")
+
+    run, outcome = store.prepare_atomic("rig-1", "h1", mk)
+    assert outcome is PrepareOutcome.CREATED
+    assert calls == [1]
+    assert (run.machine, run.test_dir_hash, run.status) == ("rig-1", "h1", Status.PENDING)
+    assert store.list() == [run]
+
+
+def test_prepare_reuses_the_same_hash_without_calling_mk(store: Store) -> None:
+    first, _ = store.prepare_atomic("rig-1", "h1", pending)
+
+    def mk() -> Run:
+        raise AssertionError("mk must only be called on the create path")
+
+    again, outcome = store.prepare_atomic("rig-1", "h1", mk)
+    assert outcome is PrepareOutcome.REUSE
+    assert again == first
+    assert len(store.list()) == 1
+
+
+def test_prepare_reports_busy_with_the_occupying_run(store: Store) -> None:
+    holder, _ = store.prepare_atomic("rig-1", "h1", pending)
+    holder.status = Status.RUNNING
+    store.update(holder)
+    run, outcome = store.prepare_atomic("rig-1", "h2", lambda: pending(test_dir_hash="h2"))
+    assert outcome is PrepareOutcome.BUSY
+    assert run == holder
+    other, outcome = store.prepare_atomic("rig-2", "h2", lambda: pending("rig-2", "h2"))
+    assert outcome is PrepareOutcome.CREATED
+
+
+@pytest.mark.parametrize("status", [s for s in Status if s.is_terminal])
+def test_terminal_runs_never_block(store: Store, status: Status) -> None:
+    old, _ = store.prepare_atomic("rig-1", "h1", pending)
+    store.finish(old.id, status)
+    fresh, outcome = store.prepare_atomic("rig-1", "h1", pending)
+    assert outcome is PrepareOutcome.CREATED
+    assert fresh.id != old.id
+
+
+@pytest.mark.parametrize(("machine", "test_dir_hash"), [("", "h"), ("rig-1", "")])
+def test_prepare_refuses_empty_names(store: Store, machine: str, test_dir_hash: str) -> None:
+    with pytest.raises(ValueError, match="must be a non-empty string"):
+        store.prepare_atomic(machine, test_dir_hash, pending)
+    assert not store.state_path.exists()
+
+
+def test_prepare_refuses_a_mk_for_another_machine(store: Store) -> None:
+    with pytest.raises(ValueError, match="machine='rig-2'"):
+        store.prepare_atomic("rig-1", "h1", lambda: pending(machine="rig-2"))
+    assert store.list() == []
+
+
+def test_mk_failing_creates_nothing(store: Store) -> None:
+    def mk() -> Run:
+        raise OSError("cannot build")
+
+    with pytest.raises(OSError, match="cannot build"):
+        store.prepare_atomic("rig-1", "h1", mk)
+    assert store.list() == []
+    assert store.prepare_atomic("rig-1", "h1", pending)[1] is PrepareOutcome.CREATED
+
+
+def test_mk_calling_the_store_raises_instead_of_deadlocking(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="called again from inside"):
+        store.prepare_atomic("rig-1", "h1", lambda: store.list()[0])
+
+
+def test_second_store_in_the_same_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+    first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
+    finished = threading.Event()
+    errors: list[BaseException] = []
+
+    def nested() -> None:
+        try:
+            first.prepare_atomic("rig-1", "h", lambda: second.list()[0])
+        except BaseException as error:
+            errors.append(error)
+        finished.set()
+
+    threading.Thread(target=nested, daemon=True).start()
+    assert finished.wait(30), "a second lock instance in the same thread deadlocked"
+    assert isinstance(errors[0], RuntimeError)
+    assert "Deadlock" in str(errors[0])
+
+
+# -- lifecycle rules --------------------------------------------------------------------
+
+
+def test_start_claims_a_pending_run_once(store: Store) -> None:
+    run = store.create(pending())
+    started = store.start(run.id, logs_path="/l")
+    assert started.status is Status.RUNNING and started.started_at is not None and started.logs_path == "/l"
+    with pytest.raises(InvalidTransition, match="already running"):
+        store.start(run.id)
+
+
+def test_finish_and_refusal_to_overwrite(store: Store) -> None:
+    run = store.create(pending())
+    ended = store.finish(run.id, Status.FAILED, exit_code=1, error_code="tests_failed", error_msg="1 failed")
+    assert (ended.status, ended.exit_code, ended.error_code) == (Status.FAILED, 1, "tests_failed")
+    assert ended.ended_at is not None
+    with pytest.raises(RunEnded) as caught:
+        store.finish(run.id, Status.COMPLETED, exit_code=0)
+    assert caught.value.run == ended
+    assert store.get(run.id) == ended
+    with pytest.raises(ValueError, match="terminal status"):
+        store.finish(store.create(pending()).id, Status.RUNNING)
+
+
+def test_release(store: Store) -> None:
+    run = store.create(pending())
+    released = store.release(run.id, "rig rebooted")
+    assert (released.status, released.error_code) == (Status.INTERRUPTED, "released")
+    assert "rig rebooted" in released.error_msg
+    with pytest.raises(RunEnded, match="already ended as interrupted"):
+        store.release(run.id, "again")
+    with pytest.raises(RunNotFound):
+        store.release("missing", "x")
+
+
+def test_run_dir_refuses_unsafe_ids(store: Store) -> None:
+    assert store.run_dir("20260101-000000-000000-abcdef") == store.state_dir / "runs" / "20260101-000000-000000-abcdef"
+    for bad in ["../escape", "a/b", "", ".", "x" * 65, "/abs"]:
+        with pytest.raises(StateError, match="not a safe path component"):
+            store.run_dir(bad)
+
+
+# -- the state on disk ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        (b"{not json", "is not valid JSON"),
+        (b"", "is empty"),
+        (b"\xff\xfe", "is not valid JSON"),
+        (b"[]", "not a pytest-runs state file"),
+        (b'{"runs": []}', "not a pytest-runs state file"),
+        (b'{"format": "pytest-runs-state", "version": 99, "runs": []}', "format version 99, newer"),
+        (b'{"format": "pytest-runs-state", "version": "1", "runs": []}', "invalid format version"),
+        (b'{"format": "pytest-runs-state", "version": 1}', 'no "runs" list'),
+        (b'{"format": "pytest-runs-state", "version": 1, "runs": [{"status": "zombie"}]}', "run #0: unknown status"),
+        (b'{"format": "pytest-runs-state", "version": 1, "runs": [7]}', "run #0: a run must be a JSON object"),
+    ],
+)
+def test_unusable_state_is_refused_and_left_untouched(tmp_path: Path, content: bytes, complaint: str) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    state_file = state_dir / "runs.json"
+    state_file.write_bytes(content)
+    before = os.stat(state_file)
+    store = Store(state_dir)
+    operations = [
+        lambda: store.list(),
+        lambda: store.create(pending()),
+        lambda: store.prepare_atomic("rig-1", "h", pending),
+        lambda: store.get("x"),
+    ]
+    for operation in operations:
+        with pytest.raises(StateError) as caught:
+            operation()
+        assert str(state_file) in str(caught.value)
+        assert complaint in str(caught.value)
+        assert "\n" not in str(caught.value)
+    assert state_file.read_bytes() == content
+    assert os.stat(state_file).st_mtime_ns == before.st_mtime_ns
+    assert sorted(p.name for p in state_dir.iterdir()) == ["runs.json", "runs.lock"]
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StateError, match=f"cannot create state dir {blocker}/state"):
+        Store(blocker / "state")
+    with pytest.raises(StateError, match="exists and is not a directory"):
+        Store(blocker)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        store = Store(tmp_path / "deep" / "state")
+        store.create(pending())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(store.state_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(store.state_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(store.lock_path).st_mode) == 0o600
+
+
+def test_lock_file_is_never_replaced(store: Store) -> None:
+    store.create(pending())
+    inode = os.stat(store.lock_path).st_ino
+    for _ in range(5):
+        store.create(pending())
+    assert os.stat(store.lock_path).st_ino == inode
+
+
+def test_writes_are_fsynced_file_then_directory(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    store.create(pending())
+    assert synced == ["file", "dir"]
+    synced.clear()
+    store.list()
+    assert synced == [], "a read must not write"
+
+
+@pytest.mark.parametrize("failing", ["write", "replace", "fsync"])
+def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    kept = store.create(pending())
+    before = store.state_path.read_bytes()
+
+    def broken(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, failing, broken)
+    with pytest.raises(StateError, match=r"cannot write state file .*No space left on device.*previous state is intact"):
+        store.create(pending(machine="rig-2"))
+    monkeypatch.undo()
+    assert store.state_path.read_bytes() == before
+    assert store.list() == [kept]
+    assert sorted(p.name for p in store.state_dir.iterdir()) == ["runs.json", "runs.lock"]
+
+
+def test_symlinked_state_file_is_refused(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    target = tmp_path / "elsewhere.json"
+    target.write_text("precious")
+    (state_dir / "runs.json").symlink_to(target)
+    store = Store(state_dir)
+    with pytest.raises(StateError, match="is a symbolic link"):
+        store.list()
+    with pytest.raises(StateError, match="is a symbolic link"):
+        store.create(pending())
+    assert target.read_text() == "precious"
+
+
+def test_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    (state_dir / "runs.lock").symlink_to(target)
+    with pytest.raises(StateError, match="lock file .* is a symbolic link"):
+        Store(state_dir).list()
+    assert target.read_text() == "precious"
