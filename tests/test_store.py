@@ -186,7 +186,7 @@ def test_prepare_reports_busy_with_the_occupying_run(store: Store) -> None:
     run, outcome = store.prepare_atomic("rig-1", "h2", lambda: pending(test_dir_hash="h2"))
     assert outcome is PrepareOutcome.BUSY
     assert run == holder
-    other, outcome = store.prepare_atomic("rig-2", "h2", lambda: pending("rig-2", "h2"))
+    _, outcome = store.prepare_atomic("rig-2", "h2", lambda: pending("rig-2", "h2"))
     assert outcome is PrepareOutcome.CREATED
 
 
@@ -384,7 +384,8 @@ def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pyte
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, failing, broken)
-    with pytest.raises(StateError, match=r"cannot write state file .*No space left on device.*previous state is intact"):
+    expected = r"cannot write state file .*No space left on device.*previous state is intact"
+    with pytest.raises(StateError, match=expected):
         store.create(pending(machine="rig-2"))
     monkeypatch.undo()
     assert store.state_path.read_bytes() == before
@@ -412,6 +413,6 @@ def test_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_text("precious")
     (state_dir / "runs.lock").symlink_to(target)
-    with pytest.raises(StateError, match="lock file .* is a symbolic link"):
+    with pytest.raises(StateError, match=r"lock file .* is a symbolic link"):
         Store(state_dir).list()
     assert target.read_text() == "precious"

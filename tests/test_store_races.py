@@ -69,13 +69,17 @@ def test_threads_racing_prepare_atomic_on_one_store(tmp_path: Path, same_hash: b
     assert len(store.list()) == 1
 
 
-def test_processes_creating_and_updating_lose_nothing(tmp_path: Path, spawn: multiprocessing.context.SpawnContext) -> None:
+def test_processes_creating_and_updating_lose_nothing(
+    tmp_path: Path, spawn: multiprocessing.context.SpawnContext
+) -> None:
     state_dir = str(tmp_path / "state")
     workers, per_worker = 8, 15
     manager = spawn.Manager()
     start = manager.Barrier(workers)
     with spawn.Pool(workers) as pool:
-        pending = [pool.apply_async(racers.create_and_update, (state_dir, w, per_worker, start)) for w in range(workers)]
+        pending = [
+            pool.apply_async(racers.create_and_update, (state_dir, w, per_worker, start)) for w in range(workers)
+        ]
         ids_by_worker = [p.get(timeout=300) for p in pending]
     manager.shutdown()
     runs = {r.id: r for r in Store(state_dir).list()}

@@ -1,0 +1,215 @@
+"""The identity of a test folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pytest_runs import hashing
+from pytest_runs.hashing import HashError, hash_test_dir
+
+
+def make_tree(root: Path, files: dict[str, bytes | tuple[bytes, bool]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for relative, spec in files.items():
+        content, executable = spec if isinstance(spec, tuple) else (spec, False)
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        path.chmod(0o755 if executable else 0o644)
+    return root
+
+
+BASE = {"test_a.py": b"def test_a(): pass\n", "sub/test_b.py": b"def test_b(): pass\n", "data/x.bin": b"\0\1\2"}
+
+
+def test_same_tree_in_two_folders_gives_the_same_hash(tmp_path: Path) -> None:
+    first = make_tree(tmp_path / "one", BASE)
+    second = make_tree(tmp_path / "elsewhere" / "two", dict(reversed(BASE.items())))
+    assert hash_test_dir(first) == hash_test_dir(second)
+    assert len(hash_test_dir(first)) == 64
+
+
+def test_golden_value_is_stable_across_versions_and_machines(tmp_path: Path) -> None:
+    # Changing this value changes every stored run's identity: bump the framing's domain string instead.
+    root = make_tree(tmp_path / "t", {"a.py": b"a", "b/c.txt": (b"c", True)})
+    (root / "link").symlink_to("a.py")
+
+    def framed(data: bytes) -> bytes:
+        return len(data).to_bytes(8, "big") + data
+
+    # The format, spelled out: a domain string, then per entry in sorted path order its
+    # kind (f file, x executable, l symlink), its framed path, and its framed bytes or link text.
+    expected = hashlib.sha256(
+        b"pytest-runs tree v1\0"
+        + b"f" + framed(b"a.py") + framed(b"a")
+        + b"x" + framed(b"b/c.txt") + framed(b"c")
+        + b"l" + framed(b"link") + framed(b"a.py")
+    ).hexdigest()  # fmt: skip
+    assert hash_test_dir(root) == expected
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["content", "rename", "add", "remove", "exec-bit", "move-to-subdir", "empty-content"],
+)
+def test_any_change_changes_the_hash(tmp_path: Path, change: str) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+    before = hash_test_dir(root)
+    target = root / "test_a.py"
+    if change == "content":
+        target.write_bytes(b"def test_a(): assert 0\n")
+    elif change == "rename":
+        target.rename(root / "test_z.py")
+    elif change == "add":
+        (root / "conftest.py").write_bytes(b"")
+    elif change == "remove":
+        target.unlink()
+    elif change == "exec-bit":
+        target.chmod(0o755)
+    elif change == "move-to-subdir":
+        target.rename(root / "sub" / "test_a.py")
+    elif change == "empty-content":
+        target.write_bytes(b"")
+    assert hash_test_dir(root) != before
+
+
+def test_framing_keeps_names_and_contents_apart(tmp_path: Path) -> None:
+    pairs = [
+        ({"ab": b"c"}, {"a": b"bc"}),
+        ({"a": b"xy", "b": b""}, {"a": b"x", "b": b"y"}),
+        ({"a": b"", "b": b"x"}, {"a": b"x", "b": b""}),
+        ({"a/b": b"x"}, {"a_b": b"x"}),
+    ]
+    for index, (left, right) in enumerate(pairs):
+        assert hash_test_dir(make_tree(tmp_path / f"l{index}", left)) != hash_test_dir(
+            make_tree(tmp_path / f"r{index}", right)
+        )
+
+
+def test_default_ignores(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+    before = hash_test_dir(root)
+    noise = [
+        "__pycache__/x.cpython-311.pyc",
+        "sub/__pycache__/y.pyc",
+        "stray.pyc",
+        ".pytest_cache/v/cache",
+        ".git/HEAD",
+        ".hg/x",
+        ".svn/x",
+        ".tox/x",
+        ".nox/x",
+        ".venv/bin/python",
+        "venv/x",
+        "node_modules/x/index.js",
+        ".mypy_cache/x",
+        ".ruff_cache/x",
+        "pkg.egg-info/PKG-INFO",
+    ]
+    make_tree(root, dict.fromkeys(noise, b"noise"))
+    assert hash_test_dir(root) == before
+
+
+def test_extra_ignore_patterns_match_names_and_paths(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+    before = hash_test_dir(root)
+    make_tree(root, {"out/report.html": b"1", "sub/run.log": b"2"})
+    assert hash_test_dir(root) != before
+    assert hash_test_dir(root, ignore=["out", "*.log"]) == before
+    assert hash_test_dir(root, ignore=["sub/run.log", "out/*"]) == before
+
+
+def test_state_dir_inside_is_left_out(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+    before = hash_test_dir(root, exclude=[root / "state"])
+    make_tree(root / "state", {"runs.json": b"{}"})
+    assert hash_test_dir(root, exclude=[root / "state"]) == before
+    assert hash_test_dir(root) != before
+
+
+def test_symlinks_are_hashed_as_links_and_never_followed(tmp_path: Path) -> None:
+    outside = make_tree(tmp_path / "outside", {"big.txt": b"v1"})
+    root = make_tree(tmp_path / "t", BASE)
+    (root / "ext").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "dangling").symlink_to(tmp_path / "missing")
+    before = hash_test_dir(root)
+    (outside / "big.txt").write_bytes(b"v2")
+    assert hash_test_dir(root) == before, "the link's target content must not matter"
+    (root / "dangling").unlink()
+    (root / "dangling").symlink_to(tmp_path / "missing-too")
+    assert hash_test_dir(root) != before, "the link's target text must matter"
+
+
+def test_link_and_file_with_same_text_differ(tmp_path: Path) -> None:
+    as_file = make_tree(tmp_path / "f", {"x": b"target"})
+    as_link = make_tree(tmp_path / "l", {})
+    (as_link / "x").symlink_to("target")
+    assert hash_test_dir(as_file) != hash_test_dir(as_link)
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+
+    def denied(path: str, mode: str = "r") -> object:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(hashing, "open", denied, raising=False)
+    with pytest.raises(HashError, match=r"cannot read /.*: Permission denied$"):
+        hash_test_dir(root)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_file_on_disk(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+    (root / "test_a.py").chmod(0)
+    with pytest.raises(HashError, match="cannot read"):
+        hash_test_dir(root)
+
+
+def test_special_files_are_refused(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t", BASE)
+    os.mkfifo(root / "pipe")
+    with pytest.raises(HashError, match=r"cannot hash .*pipe: not a regular file"):
+        hash_test_dir(root)
+
+
+def test_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(HashError, match="is not a folder"):
+        hash_test_dir(tmp_path / "missing")
+
+
+names = st.text(alphabet="abcXYZ019._-", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
+trees = st.dictionaries(
+    st.lists(names, min_size=1, max_size=3).map("/".join),
+    st.tuples(st.binary(max_size=20), st.booleans()),
+    max_size=6,
+)
+
+
+def _consistent(tree: dict[str, tuple[bytes, bool]]) -> bool:
+    # A path cannot be both a file and a folder.
+    return not any(other.startswith(path + "/") for path in tree for other in tree)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(left=trees.filter(_consistent), right=trees.filter(_consistent))
+def test_hash_equal_exactly_when_trees_equal(
+    tmp_path_factory: pytest.TempPathFactory, left: dict[str, tuple[bytes, bool]], right: dict[str, tuple[bytes, bool]]
+) -> None:
+    base = tmp_path_factory.mktemp("prop")
+    try:
+        left_hash = hash_test_dir(make_tree(base / "l", dict(left)))
+        right_hash = hash_test_dir(make_tree(base / "r", dict(right)))
+        left_again = hash_test_dir(make_tree(base / "l2", dict(left)))
+    finally:
+        shutil.rmtree(base)
+    assert left_hash == left_again
+    assert (left_hash == right_hash) == (left == right)
