@@ -8,7 +8,6 @@ store, applies the busy policy, and at the end records how the session ended.
 
 from __future__ import annotations
 
-import _thread
 import dataclasses
 import json
 import os
@@ -257,6 +256,7 @@ class RunTracker:
         self._log: IO[str] | None = None
         self._timer: threading.Timer | None = None
         self._previous_sigterm: Any = None
+        self._main_thread = 0
 
     # -- session start ----------------------------------------------------------------
 
@@ -269,12 +269,19 @@ class RunTracker:
         settings = self.settings
         try:
             self.store = Store(settings.state_dir)
-            test_dir_hash = hash_test_dir(settings.test_dir, settings.hash_ignore, exclude=[settings.state_dir])
+            test_dir_hash = hash_test_dir(settings.test_dir, settings.hash_ignore, exclude=self._generated_dirs())
             self._prepare(self.store, test_dir_hash)
         except (StateError, HashError) as error:
             raise pytest.UsageError(f"pytest-runs: {error}") from None
         if self.run is not None:
             self._begin()
+
+    def _generated_dirs(self) -> list[Path]:
+        """Folders that sessions write into, which must not change the identity of the tests."""
+        generated = [self.settings.state_dir]
+        if basetemp := self.config.option.basetemp:
+            generated.append(self.config.invocation_params.dir / basetemp)
+        return generated
 
     def _mk(self, test_dir_hash: str) -> Callable[[], Run]:
         settings = self.settings
@@ -339,6 +346,7 @@ class RunTracker:
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.settings.timeout is not None:
+            self._main_thread = threading.get_ident()
             self._timer = threading.Timer(self.settings.timeout, self._on_deadline)
             self._timer.daemon = True
             self._timer.start()
@@ -351,8 +359,9 @@ class RunTracker:
     def _on_deadline(self) -> None:
         self.timed_out = True
         self.stop_reason = f"session passed its deadline (--runs-timeout={self.settings.timeout:g}s)"
-        # Raises KeyboardInterrupt in the main thread, wherever it is, through pytest's own path.
-        _thread.interrupt_main()
+        # A real SIGINT, so that a main thread blocked in a system call wakes up too; its
+        # KeyboardInterrupt then stops the session through pytest's own path.
+        signal.pthread_kill(self._main_thread, signal.SIGINT)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
