@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["OPTIONAL_KEYS", "PrepareOutcome", "Run", "Status", "format_timestamp", "parse_timestamp"]
+__all__ = [
+    "OPTIONAL_KEYS",
+    "PrepareOutcome",
+    "Run",
+    "Status",
+    "format_timestamp",
+    "parse_timestamp",
+    "run_created_at",
+]
 
 
 class Status(enum.StrEnum):
@@ -60,6 +69,21 @@ def parse_timestamp(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no time zone offset")
     return moment.astimezone(UTC)
+
+
+# Store-generated IDs: ``YYYYMMDD-HHMMSS-ffffff-<random hex>``, creation time in UTC.
+_GENERATED_ID = re.compile(r"^(\d{8})-(\d{6})-(\d{6})-[0-9a-f]+$")
+
+
+def run_created_at(run_id: str) -> datetime | None:
+    """When a store-generated run ID was created (IDs embed it), else ``None``."""
+    match = _GENERATED_ID.match(run_id)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime("".join(match.groups()), "%Y%m%d%H%M%S%f").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 # Keys written only when they hold a value, so that the JSON of a plain single run

@@ -18,13 +18,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
+from .display import describe_holder, format_duration
 from .model import PrepareOutcome, Run, Status
 from .settings import check_machine_name, parse_seconds, resolve_state_dir
 
@@ -208,34 +208,6 @@ def runs_artifacts_dir(runs_run: Run | None) -> Path | None:
     path = Path(runs_run.artifacts_path)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _held_for(run: Run, now: datetime) -> str:
-    from .store import run_created_at
-
-    since = run.started_at or run_created_at(run.id)
-    return "?" if since is None else format_duration((now - since).total_seconds())
-
-
-def format_duration(seconds: float) -> str:
-    """``42s``, ``3m12s``, ``2h05m``, ``3d04h``: short and exact enough for people."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def describe_holder(run: Run, now: datetime | None = None) -> str:
-    """``run ID (running, hash 0123456789ab, held for 3m12s)``."""
-    held = _held_for(run, now or datetime.now(UTC))
-    return f"run {run.id} ({run.status.value}, hash {run.short_hash}, held for {held})"
 
 
 class RunTracker:

@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from .model import PrepareOutcome, Run, Status
+from .model import PrepareOutcome, Run, Status, run_created_at
 
 # An alias, because inside Store the name ``list`` is the method.
 RunList = list[Run]
@@ -47,7 +47,6 @@ __all__ = [
     "RunNotFound",
     "StateError",
     "Store",
-    "run_created_at",
 ]
 
 STATE_FILE_NAME = "runs.json"
@@ -58,7 +57,6 @@ FORMAT_NAME = "pytest-runs-state"
 FORMAT_VERSION = 1
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_GENERATED_ID = re.compile(r"^(\d{8})-(\d{6})-(\d{6})-[0-9a-f]+$")
 
 
 class RunNotFound(LookupError):
@@ -98,17 +96,6 @@ class MachineState:
     active: Run | None
     #: The run that ended most recently, or ``None``.
     last: Run | None
-
-
-def run_created_at(run_id: str) -> datetime | None:
-    """When a store-generated run ID was created (IDs embed it), else ``None``."""
-    match = _GENERATED_ID.match(run_id)
-    if match is None:
-        return None
-    try:
-        return datetime.strptime("".join(match.groups()), "%Y%m%d%H%M%S%f").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def _utcnow() -> datetime:

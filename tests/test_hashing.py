@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from pytest_runs import hashing
 from pytest_runs.hashing import HashError, hash_test_dir
 
 
-def make_tree(root: Path, files: dict[str, bytes | tuple[bytes, bool]]) -> Path:
+def make_tree(root: Path, files: Mapping[str, bytes | tuple[bytes, bool]]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for relative, spec in files.items():
         content, executable = spec if isinstance(spec, tuple) else (spec, False)

@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def test_unusable_state_is_refused_and_left_untouched(tmp_path: Path, content: b
     state_file.write_bytes(content)
     before = os.stat(state_file)
     store = Store(state_dir)
-    operations = [
+    operations: list[Callable[[], object]] = [
         lambda: store.list(),
         lambda: store.create(pending()),
         lambda: store.prepare_atomic("rig-1", "h", pending),

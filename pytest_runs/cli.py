@@ -1,0 +1,392 @@
+"""The ``pytest-runs`` command: see and manage runs and machines.
+
+It only parses, calls the store, and prints: tables for people, ``--json`` for
+scripts (the run contract exactly as ``Run.to_dict()`` gives it). Exit codes:
+0 done, 1 not found or refused, 2 usage error, 75 machine busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .display import describe_holder, format_ago, format_duration, held_since
+from .hashing import HashError, hash_test_dir
+from .model import PrepareOutcome, Run, Status
+from .plugin import EXIT_BUSY
+from .settings import check_machine_name, resolve_state_dir
+from .store import MachineState, RunEnded, RunNotFound, StateError, Store
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_STATUS_COLOURS = {
+    Status.PENDING: "36",  # cyan
+    Status.RUNNING: "34;1",  # bold blue
+    Status.COMPLETED: "32",  # green
+    Status.FAILED: "31;1",  # bold red
+    Status.INTERRUPTED: "33",  # yellow
+    Status.TIMEOUT: "35",  # magenta
+}
+
+
+class _Failure(Exception):
+    """An expected failure: print one line to stderr and exit with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the culprit, and the usage hint, without argparse's usage block.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``12h``, ``30d``, ``2w`` as a ``timedelta``."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use a number and s, m, h, d or w, e.g. 30d")
+    return timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _machine_name(text: str) -> str:
+    try:
+        return check_machine_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pytest-runs``."""
+    parser = _Parser(
+        prog="pytest-runs",
+        description="See and manage the runs that pytest sessions record with --runs-machine.",
+        epilog="example: pytest-runs list --machine rig-1 --status failed --limit 5",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="the run store (default: $PYTEST_RUNS_STATE_DIR, else $XDG_STATE_HOME/pytest-runs, "
+        "else ~/.local/state/pytest-runs)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print only JSON on stdout, for scripts")
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=f"example: {example}",
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    listing = command("list", "list runs, newest first", "pytest-runs list --machine rig-1 --status failed")
+    listing.add_argument("--machine", metavar="M", help="only runs on machine M")
+    listing.add_argument("--status", metavar="S", choices=[s.value for s in Status], help="only runs with status S")
+    listing.add_argument("--batch", metavar="B", help="only runs of batch B")
+    listing.add_argument("--limit", metavar="N", type=_positive_int, help="at most N runs")
+
+    show = command("show", "show every field of one run", "pytest-runs show 20261126-180458-123456-a1b2c3")
+    show.add_argument("run_id", metavar="ID")
+
+    command("machines", "show each machine: idle or busy, and its last run", "pytest-runs machines")
+
+    release = command(
+        "release",
+        "end a pending or running run as interrupted, freeing its machine",
+        "pytest-runs release 20261126-180458-123456-a1b2c3 --reason 'runner died'",
+    )
+    release.add_argument("run_id", metavar="ID")
+    release.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in error_msg)")
+
+    prune = command(
+        "prune", "delete ended runs with their logs and artifacts", "pytest-runs prune --older-than 30d --dry-run"
+    )
+    rule = prune.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--keep", metavar="N", type=_non_negative_int, help="keep the N newest ended runs per machine")
+    rule.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=parse_duration,
+        help="runs that ended longer ago: 90s, 15m, 12h, 30d, 2w",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+
+    reserve = command(
+        "reserve",
+        "reserve a machine for the tests in a folder; a later pytest --runs-machine on them claims it",
+        "pytest-runs reserve --machine rig-1 --test-dir ./tests --batch nightly-42",
+    )
+    reserve.add_argument("--machine", required=True, metavar="M", type=_machine_name)
+    reserve.add_argument("--test-dir", required=True, metavar="D", type=Path)
+    reserve.add_argument("--batch", metavar="B", default="")
+    reserve.add_argument("--plan-entry", metavar="P", default="")
+    reserve.add_argument(
+        "--hash-ignore",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="a pattern left out of the hash, as the ini key runs_hash_ignore (repeatable; must match it)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pytest-runs`` with ``argv`` (default: the command line); return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        store = Store(resolve_state_dir(args.state_dir))
+        return int(_COMMANDS[args.command](store, args))
+    except _Failure as failure:
+        return _fail(str(failure), failure.code)
+    except (StateError, RunNotFound, RunEnded) as error:
+        return _fail(str(error), EXIT_REFUSED)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"pytest-runs: {message}\n")
+    return code
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def _list(store: Store, args: argparse.Namespace) -> int:
+    runs = [
+        r
+        for r in reversed(store.list())
+        if (args.machine is None or r.machine == args.machine)
+        and (args.status is None or r.status.value == args.status)
+        and (args.batch is None or r.batch_id == args.batch)
+    ][: args.limit]
+    if args.json:
+        _print_json([r.to_dict() for r in runs])
+        return EXIT_OK
+    if not runs:
+        print("no runs")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    headers = ["ID", "MACHINE", "STATUS", "EXIT", "STARTED", "DURATION", "HASH"]
+    with_batch = any(r.batch_id or r.plan_entry for r in runs)
+    if with_batch:
+        headers.append("BATCH/PLAN")
+    rows = []
+    for run in runs:
+        row = [
+            run.id,
+            run.machine,
+            run.status.value,
+            "-" if run.exit_code is None else str(run.exit_code),
+            format_ago(run.started_at, now),
+            _duration(run, now),
+            run.short_hash,
+        ]
+        if with_batch:
+            row.append("/".join(part for part in (run.batch_id, run.plan_entry) if part) or "-")
+        rows.append(row)
+    shrinkable = {1, len(headers) - 1} if with_batch else {1}
+    _print_table(headers, rows, shrinkable=shrinkable, status_column=2)
+    return EXIT_OK
+
+
+def _show(store: Store, args: argparse.Namespace) -> int:
+    run = store.get(args.run_id)
+    if args.json:
+        _print_json(run.to_dict())
+        return EXIT_OK
+    data = run.to_dict()
+    width = max(len(key) for key in data)
+    for key, value in data.items():
+        text = "null" if value is None else str(value)
+        if key == "status":
+            text = _colour_status(run.status, text)
+        print(f"{key:<{width}}  {text}")
+    for label, path, exists in (
+        ("log", run.logs_path, Path(run.logs_path).is_file() if run.logs_path else False),
+        ("artifacts", run.artifacts_path, Path(run.artifacts_path).is_dir() if run.artifacts_path else False),
+    ):
+        state = "not recorded" if not path else ("exists" if exists else "missing")
+        print(f"{label:<{width}}  {state}")
+    return EXIT_OK
+
+
+def _machines(store: Store, args: argparse.Namespace) -> int:
+    states = store.machines()
+    if args.json:
+        _print_json([_machine_json(s) for s in states])
+        return EXIT_OK
+    if not states:
+        print("no machines")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    rows = []
+    for state in states:
+        holder = "-"
+        if state.active is not None:
+            since = held_since(state.active)
+            held = "?" if since is None else format_duration((now - since).total_seconds())
+            holder = f"{state.active.id} ({state.active.status.value}, {held})"
+        last = "-"
+        if state.last is not None:
+            last = f"{state.last.id} {state.last.status.value} {format_ago(state.last.ended_at, now)}"
+        rows.append([state.machine, "busy" if state.active else "idle", holder, last])
+    _print_table(["MACHINE", "STATE", "HELD BY", "LAST RUN"], rows, shrinkable={0, 2, 3})
+    return EXIT_OK
+
+
+def _machine_json(state: MachineState) -> dict[str, Any]:
+    return {
+        "machine": state.machine,
+        "state": "busy" if state.active is not None else "idle",
+        "active": state.active.to_dict() if state.active is not None else None,
+        "last": state.last.to_dict() if state.last is not None else None,
+    }
+
+
+def _release(store: Store, args: argparse.Namespace) -> int:
+    if not args.reason.strip():
+        raise _Failure("--reason must not be empty", EXIT_USAGE)
+    try:
+        run = store.release(args.run_id, args.reason)
+    except RunEnded as ended:
+        raise _Failure(f"refused: {ended}") from None
+    if args.json:
+        _print_json(run.to_dict())
+    else:
+        print(f"released run {run.id} on {run.machine}: now interrupted (released: {args.reason})")
+    return EXIT_OK
+
+
+def _prune(store: Store, args: argparse.Namespace) -> int:
+    removed = store.prune(keep=args.keep, older_than=args.older_than, dry_run=args.dry_run)
+    if args.json:
+        _print_json([r.to_dict() for r in removed])
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} run{'s' if len(removed) != 1 else ''}")
+    for run in removed:
+        print(f"  {run.id}  {run.machine}  {run.status.value}  ended {format_ago(run.ended_at)}")
+    return EXIT_OK
+
+
+def _reserve(store: Store, args: argparse.Namespace) -> int:
+    test_dir = args.test_dir.expanduser().resolve()
+    if not test_dir.is_dir():
+        raise _Failure(f"--test-dir {test_dir} is not a folder", EXIT_USAGE)
+    try:
+        test_dir_hash = hash_test_dir(test_dir, args.hash_ignore, exclude=[store.state_dir])
+    except HashError as error:
+        raise _Failure(str(error)) from None
+
+    def mk() -> Run:
+        return Run(test_dir=str(test_dir), batch_id=args.batch, plan_entry=args.plan_entry)
+
+    run, outcome = store.prepare_atomic(args.machine, test_dir_hash, mk)
+    if outcome is PrepareOutcome.BUSY or run.status is not Status.PENDING:
+        same = " (the same tests)" if outcome is PrepareOutcome.REUSE else ""
+        raise _Failure(f"machine {args.machine} is busy with {describe_holder(run)}{same}", EXIT_BUSY)
+    if args.json:
+        _print_json(run.to_dict())
+    elif outcome is PrepareOutcome.CREATED:
+        print(f"reserved {args.machine} for {test_dir} (hash {run.short_hash}): run {run.id}")
+    else:
+        print(f"{args.machine} was already reserved for these tests: run {run.id}")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[Store, argparse.Namespace], int]] = {
+    "list": _list,
+    "show": _show,
+    "machines": _machines,
+    "release": _release,
+    "prune": _prune,
+    "reserve": _reserve,
+}
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _duration(run: Run, now: datetime) -> str:
+    if run.started_at is None:
+        return "-"
+    return format_duration(((run.ended_at or now) - run.started_at).total_seconds())
+
+
+def _use_colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def _colour_status(status: Status, text: str) -> str:
+    return f"\x1b[{_STATUS_COLOURS[status]}m{text}\x1b[0m" if _use_colour() else text
+
+
+def _print_table(
+    headers: list[str], rows: list[list[str]], shrinkable: set[int], status_column: int | None = None
+) -> None:
+    """Aligned columns; on a terminal (or with $COLUMNS) the ``shrinkable`` ones are cut to fit it."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        _fit(widths, shrinkable, shutil.get_terminal_size().columns)
+    for index, row in enumerate([headers, *rows]):
+        cells = []
+        for column, (cell, width) in enumerate(zip(row, widths, strict=True)):
+            text = cell if len(cell) <= width else cell[: max(0, width - 1)] + "…"
+            padded = text.ljust(width)
+            if index > 0 and column == status_column:
+                padded = _colour_status(Status(cell), text) + " " * (width - len(text))
+            cells.append(padded)
+        print("  ".join(cells).rstrip())
+
+
+def _fit(widths: list[int], shrinkable: set[int], columns: int) -> None:
+    """Shrink the widest shrinkable column until the table fits ``columns`` (none below 8)."""
+    while sum(widths) + 2 * (len(widths) - 1) > columns:
+        widest = max(shrinkable, key=widths.__getitem__)
+        if widths[widest] <= 8:
+            return
+        widths[widest] -= 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

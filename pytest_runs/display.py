@@ -1,0 +1,51 @@
+"""How runs are described to people: durations, ages and who holds a machine."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from .model import Run, run_created_at
+
+__all__ = ["describe_holder", "format_ago", "format_duration", "held_since"]
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m12s``, ``2h05m``, ``3d04h``: short, and exact enough for people."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def format_ago(moment: datetime | None, now: datetime | None = None) -> str:
+    """``just now``, ``42 s ago``, ``3 min ago``, ``5 h ago``, ``2 d ago``; ``-`` for none."""
+    if moment is None:
+        return "-"
+    seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
+    if seconds < 0:
+        return "in the future"
+    if seconds < 5:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
+def held_since(run: Run) -> datetime | None:
+    """When a run took its machine: its start, or for a pending run its creation."""
+    return run.started_at or run_created_at(run.id)
+
+
+def describe_holder(run: Run, now: datetime | None = None) -> str:
+    """``run ID (running, hash 0123456789ab, held for 3m12s)``."""
+    since = held_since(run)
+    held = "?" if since is None else format_duration(((now or datetime.now(UTC)) - since).total_seconds())
+    return f"run {run.id} ({run.status.value}, hash {run.short_hash}, held for {held})"
