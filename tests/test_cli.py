@@ -1,0 +1,425 @@
+"""The pytest-runs command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_runs import Run, Status, Store
+from pytest_runs.cli import main
+
+CONTRACT_KEYS = [
+    "id",
+    "machine",
+    "test_dir",
+    "test_dir_hash",
+    "status",
+    "exit_code",
+    "started_at",
+    "ended_at",
+    "artifacts_path",
+    "logs_path",
+    "error_code",
+    "error_msg",
+]
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "state"
+    monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(path))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    return path
+
+
+@pytest.fixture
+def store(state_dir: Path) -> Store:
+    return Store(state_dir)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_out(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def assert_contract(data: dict[str, Any]) -> None:
+    assert list(data)[: len(CONTRACT_KEYS)] == CONTRACT_KEYS
+    assert set(data) - set(CONTRACT_KEYS) <= {"batch_id", "plan_entry"}
+    for key in ("started_at", "ended_at"):
+        value = data[key]
+        assert value is None or (value.endswith("Z") and len(value) == len("2026-11-26T18:04:58.123456Z"))
+
+
+def finished(
+    store: Store,
+    machine: str,
+    status: Status = Status.COMPLETED,
+    ago: float = 60,
+    batch_id: str = "",
+    plan_entry: str = "",
+) -> Run:
+    run = store.create(
+        Run(machine=machine, test_dir="/t", test_dir_hash="ab" * 32, batch_id=batch_id, plan_entry=plan_entry)
+    )
+    ended = datetime.now(UTC) - timedelta(seconds=ago)
+    store.start(run.id, started_at=ended - timedelta(seconds=75))
+    run_dir = store.run_dir(run.id)
+    (run_dir / "artifacts").mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text("{}\n")
+    run = store.get(run.id)
+    run.artifacts_path, run.logs_path = str(run_dir / "artifacts"), str(run_dir / "log.jsonl")
+    store.update(run)
+    return store.finish(run.id, status, exit_code=0 if status is Status.COMPLETED else 1, ended_at=ended)
+
+
+def running(store: Store, machine: str, test_dir_hash: str = "cd" * 32) -> Run:
+    run = store.create(Run(machine=machine, test_dir="/t", test_dir_hash=test_dir_hash))
+    return store.start(run.id)
+
+
+# -- list -------------------------------------------------------------------------------
+
+
+def test_list_table_newest_first(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    older = finished(store, "rig-1", ago=600)
+    newer = running(store, "rig-2")
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    header, first, second = out.splitlines()
+    assert header.split() == ["ID", "MACHINE", "STATUS", "EXIT", "STARTED", "DURATION", "HASH"]
+    assert first.startswith(newer.id) and second.startswith(older.id)
+    assert "completed" in second and "11 min ago" in second and "1m15s" in second and "abababababab" in second
+    assert header.index("STATUS") == first.index("running") == second.index("completed"), "columns align"
+    assert "\x1b[" not in out, "no colour when stdout is not a terminal"
+
+
+def test_list_json_and_filters(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    a = finished(store, "rig-1", Status.FAILED, batch_id="b1", plan_entry="smoke")
+    b = finished(store, "rig-1")
+    c = running(store, "rig-2")
+    everything = json_out(capsys, "list")
+    assert [r["id"] for r in everything] == [c.id, b.id, a.id]
+    for record in everything:
+        assert_contract(record)
+    assert everything[2] == a.to_dict()
+    assert [r["id"] for r in json_out(capsys, "list", "--machine", "rig-1")] == [b.id, a.id]
+    assert [r["id"] for r in json_out(capsys, "list", "--status", "failed")] == [a.id]
+    assert [r["id"] for r in json_out(capsys, "list", "--batch", "b1")] == [a.id]
+    assert [r["id"] for r in json_out(capsys, "list", "--limit", "2")] == [c.id, b.id]
+    assert json_out(capsys, "list", "--machine", "nowhere") == []
+
+
+def test_list_shows_batch_column_only_when_needed(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    finished(store, "rig-1")
+    assert "BATCH/PLAN" not in run_cli(capsys, "list")[1]
+    finished(store, "rig-1", batch_id="nightly", plan_entry="smoke")
+    out = run_cli(capsys, "list")[1]
+    assert "BATCH/PLAN" in out and "nightly/smoke" in out
+
+
+def test_list_fits_the_terminal_width(
+    store: Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = finished(store, "a-machine-with-a-very-long-name-" + "x" * 60)
+    monkeypatch.setenv("COLUMNS", "100")
+    out = run_cli(capsys, "list")[1]
+    assert all(len(line) <= 100 for line in out.splitlines())
+    assert run.id in out, "IDs are never cut"
+    assert "…" in out
+
+
+def test_empty_store(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "list")[:2] == (0, "no runs\n")
+    assert run_cli(capsys, "machines")[:2] == (0, "no machines\n")
+    assert json_out(capsys, "list") == []
+    assert json_out(capsys, "machines") == []
+
+
+# -- show -------------------------------------------------------------------------------
+
+
+def test_show(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    run = finished(store, "rig-1", Status.FAILED)
+    code, out, _ = run_cli(capsys, "show", run.id)
+    assert code == 0
+    for key in CONTRACT_KEYS:
+        assert any(line.split()[0] == key for line in out.splitlines()), key
+    assert ["log", "exists"] in [line.split() for line in out.splitlines()]
+    assert ["artifacts", "exists"] in [line.split() for line in out.splitlines()]
+    assert json_out(capsys, "show", run.id) == run.to_dict()
+    Path(run.logs_path).unlink()
+    assert ["log", "missing"] in [line.split() for line in run_cli(capsys, "show", run.id)[1].splitlines()]
+
+
+def test_show_unknown_id(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Store(state_dir)
+    code, out, err = run_cli(capsys, "show", "nope")
+    assert (code, out) == (1, "")
+    assert err == "pytest-runs: no run with ID 'nope'\n"
+
+
+# -- machines ---------------------------------------------------------------------------
+
+
+def test_machines(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    last = finished(store, "rig-1", Status.FAILED)
+    holder = running(store, "rig-1")
+    idle_last = finished(store, "rig-2")
+    code, out, _ = run_cli(capsys, "machines")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["MACHINE", "STATE", "HELD", "BY", "LAST", "RUN"]
+    assert lines[1].startswith("rig-1") and "busy" in lines[1] and holder.id in lines[1] and last.id in lines[1]
+    assert lines[2].startswith("rig-2") and "idle" in lines[2] and idle_last.id in lines[2]
+    data = json_out(capsys, "machines")
+    assert data == [
+        {"machine": "rig-1", "state": "busy", "active": holder.to_dict(), "last": last.to_dict()},
+        {"machine": "rig-2", "state": "idle", "active": None, "last": idle_last.to_dict()},
+    ]
+
+
+# -- release ----------------------------------------------------------------------------
+
+
+def test_release_a_running_run(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    holder = running(store, "rig-1")
+    data = json_out(capsys, "release", holder.id, "--reason", "runner vanished")
+    assert_contract(data)
+    assert (data["status"], data["error_code"]) == ("interrupted", "released")
+    assert "runner vanished" in data["error_msg"]
+    assert data["ended_at"] is not None
+    assert store.active_by_machine("rig-1") is None
+
+
+def test_release_refuses_a_terminal_run(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    done = finished(store, "rig-1")
+    code, out, err = run_cli(capsys, "release", done.id, "--reason", "x")
+    assert (code, out) == (1, "")
+    assert err.startswith("pytest-runs: refused: run ") and "already ended as completed" in err
+    assert store.get(done.id) == done
+
+
+def test_release_table_output(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    holder = running(store, "rig-1")
+    code, out, _ = run_cli(capsys, "release", holder.id, "--reason", "stuck")
+    assert code == 0
+    assert f"released run {holder.id} on rig-1" in out
+
+
+# -- prune ------------------------------------------------------------------------------
+
+
+def test_prune_keep(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    old = [finished(store, "rig-1", ago=3000 - i) for i in range(3)]
+    newest = finished(store, "rig-1", ago=10)
+    other = finished(store, "rig-2", ago=5000)
+    active = running(store, "rig-1")
+    removed = json_out(capsys, "prune", "--keep", "1")
+    assert sorted(r["id"] for r in removed) == sorted(r.id for r in old)
+    assert {r.id for r in store.list()} == {newest.id, other.id, active.id}
+    for run in old:
+        assert not store.run_dir(run.id).exists()
+    assert Path(newest.artifacts_path).is_dir()
+
+
+def test_prune_keep_zero_never_touches_active_runs(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    active = running(store, "rig-1")
+    finished(store, "rig-1")
+    assert len(json_out(capsys, "prune", "--keep", "0")) == 1
+    assert store.list() == [active]
+
+
+def test_prune_older_than_and_dry_run(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    ancient = finished(store, "rig-1", ago=3 * 86400)
+    recent = finished(store, "rig-1", ago=3600)
+    running(store, "rig-2")
+    before = store.state_path.read_bytes()
+    code, out, _ = run_cli(capsys, "prune", "--older-than", "2d", "--dry-run")
+    assert code == 0
+    assert out.startswith("would remove 1 run\n") and ancient.id in out
+    assert store.state_path.read_bytes() == before
+    assert Path(ancient.artifacts_path).is_dir()
+    removed = json_out(capsys, "prune", "--older-than", "2d")
+    assert [r["id"] for r in removed] == [ancient.id]
+    assert not store.run_dir(ancient.id).exists()
+    assert recent.id in {r.id for r in store.list()}
+    assert json_out(capsys, "prune", "--older-than", "90s", "--dry-run")[0]["id"] == recent.id
+    for unit in ("15m", "12h", "2w"):
+        assert run_cli(capsys, "prune", "--older-than", unit, "--dry-run")[0] == 0
+
+
+# -- reserve ----------------------------------------------------------------------------
+
+
+def test_reserve_then_busy(tmp_path: Path, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("def test(): pass\n")
+    data = json_out(
+        capsys, "reserve", "--machine", "rig-1", "--test-dir", str(tests), "--batch", "b", "--plan-entry", "p"
+    )
+    assert_contract(data)
+    assert (data["status"], data["batch_id"], data["plan_entry"], data["test_dir"]) == ("pending", "b", "p", str(tests))
+    again = json_out(capsys, "reserve", "--machine", "rig-1", "--test-dir", str(tests))
+    assert again["id"] == data["id"], "reserving the same tests again is idempotent"
+    (tests / "test_y.py").write_text("")
+    code, out, err = run_cli(capsys, "reserve", "--machine", "rig-1", "--test-dir", str(tests))
+    assert (code, out) == (75, "")
+    assert f"machine rig-1 is busy with run {data['id']} (pending" in err
+    assert len(store.list()) == 1
+
+
+def test_reserve_then_a_real_pytest_claims_it(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    pytester.makepyfile("def test_ok(runs_run):\n    assert runs_run.batch_id == 'nightly'\n")
+    pytester.makeini("[pytest]\nruns_hash_ignore =\n    stdout\n    stderr\n    runpytest-*\n")
+    env = {**os.environ, "PYTEST_RUNS_STATE_DIR": str(state_dir)}
+    reserve = [sys.executable, "-m", "pytest_runs", "reserve", "--machine", "rig-1", "--test-dir", str(pytester.path)]
+    ignores = ["--hash-ignore", "stdout", "--hash-ignore", "stderr", "--hash-ignore", "runpytest-*", "--json"]
+    done = subprocess.run([*reserve, *ignores, "--batch", "nightly"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reserved = json.loads(done.stdout)
+    os.environ["PYTEST_RUNS_STATE_DIR"] = str(state_dir)
+    try:
+        result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    finally:
+        del os.environ["PYTEST_RUNS_STATE_DIR"]
+    assert result.ret == 0
+    (run,) = Store(state_dir).list()
+    assert run.id == reserved["id"]
+    assert run.status is Status.COMPLETED
+
+
+def test_reserve_bad_test_dir(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "reserve", "--machine", "rig-1", "--test-dir", "/does/not/exist")
+    assert code == 2
+    assert err == "pytest-runs: --test-dir /does/not/exist is not a folder\n"
+
+
+# -- usage errors and bad state ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "culprit"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["list", "--status", "paused"], "argument --status: invalid choice: 'paused'"),
+        (["list", "--limit", "0"], "argument --limit: must be 1 or more"),
+        (["list", "--limit", "ten"], "argument --limit: not a whole number: 'ten'"),
+        (["show"], "the following arguments are required: ID"),
+        (["release", "x"], "the following arguments are required: --reason"),
+        (["release", "x", "--reason", "  "], "--reason must not be empty"),
+        (["prune"], "one of the arguments --keep --older-than is required"),
+        (["prune", "--keep", "1", "--older-than", "1d"], "not allowed with argument"),
+        (["prune", "--older-than", "yesterday"], "invalid duration 'yesterday'"),
+        (["prune", "--older-than", "10y"], "invalid duration '10y'"),
+        (["prune", "--keep", "-1"], "must be 0 or more"),
+        (["reserve", "--machine", "bad name", "--test-dir", "."], "invalid machine name 'bad name'"),
+        (["reserve", "--test-dir", "."], "the following arguments are required: --machine"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    state_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], culprit: str
+) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert culprit in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_corrupt_state_file(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state_dir.mkdir()
+    (state_dir / "runs.json").write_text('{"format": "pytest-runs-state", "version": 1, "runs": [{')
+    before = (state_dir / "runs.json").read_bytes()
+    for argv in (["list"], ["machines"], ["show", "x"], ["prune", "--keep", "0"], ["list", "--json"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 1
+        assert out == ""
+        assert err.startswith(f"pytest-runs: state file {state_dir}/runs.json is not valid JSON")
+        assert len(err.splitlines()) == 1
+    assert (state_dir / "runs.json").read_bytes() == before
+
+
+def test_state_dir_option_wins_over_environment(
+    tmp_path: Path, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = Store(tmp_path / "other")
+    run = finished(other, "rig-9")
+    assert [r["id"] for r in json_out(capsys, "--state-dir", str(tmp_path / "other"), "list")] == [run.id]
+    assert json_out(capsys, "list") == []
+
+
+def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("list", "show", "machines", "release", "prune", "reserve"):
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0
+        assert "example: pytest-runs " + command in out
+        assert "--json" in out
+
+
+# -- colour and the real command --------------------------------------------------------
+
+
+def _script() -> str:
+    return str(Path(sys.executable).with_name("pytest-runs"))
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(store: Store, state_dir: Path) -> None:
+    import pty
+
+    finished(store, "rig-1", Status.FAILED)
+
+    def on_a_terminal(extra_env: dict[str, str]) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+        env.update(extra_env, TERM="xterm")
+        primary, secondary = pty.openpty()
+        with subprocess.Popen([_script(), "list"], stdout=secondary, stderr=secondary, env=env) as process:
+            os.close(secondary)
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(primary, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        os.close(primary)
+        assert process.returncode == 0
+        return b"".join(chunks).decode()
+
+    assert "\x1b[31;1mfailed\x1b[0m" in on_a_terminal({})
+    plain = on_a_terminal({"NO_COLOR": "1"})
+    assert "failed" in plain and "\x1b[" not in plain
+    piped = subprocess.run([_script(), "list"], capture_output=True, text=True, check=True).stdout
+    assert "failed" in piped and "\x1b[" not in piped
+
+
+def test_console_script_and_module_agree(store: Store) -> None:
+    finished(store, "rig-1")
+    by_script = subprocess.run([_script(), "list", "--json"], capture_output=True, text=True, check=True)
+    by_module = subprocess.run(
+        [sys.executable, "-m", "pytest_runs", "list", "--json"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(by_script.stdout) == json.loads(by_module.stdout)
+    assert len(json.loads(by_script.stdout)) == 1
