@@ -21,8 +21,9 @@ from typing import Any, NoReturn
 from .display import describe_holder, format_ago, format_duration, held_since
 from .hashing import HashError, hash_test_dir
 from .model import PrepareOutcome, Run, Status
+from .owner import DEFAULT_LEASE, Owner
 from .plugin import EXIT_BUSY
-from .settings import check_machine_name, resolve_state_dir
+from .settings import LEASE_ENV, check_machine_name, parse_seconds, resolve_state_dir
 from .store import MachineState, RunEnded, RunNotFound, StateError, Store
 
 __all__ = ["main"]
@@ -171,7 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pytest-runs`` with ``argv`` (default: the command line); return the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        store = Store(resolve_state_dir(args.state_dir))
+        lease = parse_seconds(os.environ.get(LEASE_ENV) or str(DEFAULT_LEASE), LEASE_ENV, allow_zero=False)
+    except ValueError as error:
+        return _fail(str(error), EXIT_USAGE)
+    try:
+        store = Store(resolve_state_dir(args.state_dir), lease=lease)
         return int(_COMMANDS[args.command](store, args))
     except _Failure as failure:
         return _fail(str(failure), failure.code)
@@ -211,7 +216,7 @@ def _list(store: Store, args: argparse.Namespace) -> int:
         row = [
             run.id,
             run.machine,
-            run.status.value,
+            run.status.value + (" (stale)" if store.stale_reason(run) else ""),
             "-" if run.exit_code is None else str(run.exit_code),
             format_ago(run.started_at, now),
             _duration(run, now),
@@ -261,11 +266,15 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
         if state.active is not None:
             since = held_since(state.active)
             held = "?" if since is None else format_duration((now - since).total_seconds())
-            holder = f"{state.active.id} ({state.active.status.value}, {held})"
+            stale = store.stale_reason(state.active)
+            holder = f"{state.active.id} ({state.active.status.value}, {held}" + (
+                f"; stale: {stale})" if stale else ")"
+            )
         last = "-"
         if state.last is not None:
             last = f"{state.last.id} {state.last.status.value} {format_ago(state.last.ended_at, now)}"
-        rows.append([state.machine, "busy" if state.active else "idle", holder, last])
+        busy = "busy (stale)" if state.active and store.stale_reason(state.active) else "busy"
+        rows.append([state.machine, busy if state.active else "idle", holder, last])
     _print_table(["MACHINE", "STATE", "HELD BY", "LAST RUN"], rows, shrinkable={0, 2, 3})
     return EXIT_OK
 
@@ -314,8 +323,18 @@ def _reserve(store: Store, args: argparse.Namespace) -> int:
     except HashError as error:
         raise _Failure(str(error)) from None
 
+    owner = Owner.current()
+
     def mk() -> Run:
-        return Run(test_dir=str(test_dir), batch_id=args.batch, plan_entry=args.plan_entry)
+        # No PID: this command exits at once. The heartbeat lets an unclaimed reservation expire.
+        return Run(
+            test_dir=str(test_dir),
+            batch_id=args.batch,
+            plan_entry=args.plan_entry,
+            owner_host=owner.host,
+            owner_ci_url=owner.ci_url,
+            heartbeat_at=datetime.now(UTC),
+        )
 
     run, outcome = store.prepare_atomic(args.machine, test_dir_hash, mk)
     if outcome is PrepareOutcome.BUSY or run.status is not Status.PENDING:
@@ -374,7 +393,7 @@ def _print_table(
             text = cell if len(cell) <= width else cell[: max(0, width - 1)] + "…"
             padded = text.ljust(width)
             if index > 0 and column == status_column:
-                padded = _colour_status(Status(cell), text) + " " * (width - len(text))
+                padded = _colour_status(Status(cell.split()[0]), text) + " " * (width - len(text))
             cells.append(padded)
         print("  ".join(cells).rstrip())
 

@@ -8,6 +8,7 @@ store, applies the busy policy, and at the end records how the session ended.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ import pytest
 
 from .display import describe_holder, format_duration
 from .model import PrepareOutcome, Run, Status
+from .owner import DEFAULT_HEARTBEAT, DEFAULT_LEASE, Owner
 from .settings import check_machine_name, parse_seconds, resolve_state_dir
 
 if TYPE_CHECKING:
@@ -79,6 +82,14 @@ _OPTIONS = {
         "--runs-timeout", "runs_timeout", "PYTEST_RUNS_TIMEOUT", "SECONDS",
         "deadline for the session once the run starts; past it the session stops and the run ends as timeout",
     ),
+    "heartbeat": _Option(
+        "--runs-heartbeat", "runs_heartbeat", "PYTEST_RUNS_HEARTBEAT", "SECONDS",
+        "seconds between the session's heartbeats (default: 15)",
+    ),
+    "lease": _Option(
+        "--runs-lease", "runs_lease", "PYTEST_RUNS_LEASE", "SECONDS",
+        "a run whose heartbeat is older than this is stale and its machine is freed (default: 300)",
+    ),
     "batch": _Option(
         "--runs-batch", None, "PYTEST_RUNS_BATCH", "ID", "record the run as part of batch ID (batch_id)",
     ),
@@ -131,6 +142,8 @@ class _Settings:
     wait_timeout: float
     test_dir: Path
     timeout: float | None
+    heartbeat: float
+    lease: float
     batch: str
     plan_entry: str
     hash_ignore: tuple[str, ...]
@@ -152,7 +165,11 @@ class _Settings:
             raise ValueError(f"--runs-test-dir {test_dir} is not a folder")
         state_dir = resolve_state_dir(_setting(config, "state_dir"))
         wait_timeout = seconds("wait_timeout", "3600")
-        assert wait_timeout is not None
+        heartbeat = seconds("heartbeat", str(DEFAULT_HEARTBEAT), allow_zero=False)
+        lease = seconds("lease", str(DEFAULT_LEASE), allow_zero=False)
+        assert wait_timeout is not None and heartbeat is not None and lease is not None
+        if lease <= heartbeat:
+            raise ValueError(f"--runs-lease ({lease:g}s) must be longer than --runs-heartbeat ({heartbeat:g}s)")
         return cls(
             machine=check_machine_name(machine),
             state_dir=(config.invocation_params.dir / state_dir).absolute(),
@@ -160,6 +177,8 @@ class _Settings:
             wait_timeout=wait_timeout,
             test_dir=test_dir,
             timeout=seconds("timeout", None, allow_zero=False),
+            heartbeat=heartbeat,
+            lease=lease,
             batch=_setting(config, "batch") or "",
             plan_entry=_setting(config, "plan_entry") or "",
             hash_ignore=tuple(config.getini("runs_hash_ignore")),
@@ -225,6 +244,10 @@ class RunTracker:
         self.stop_reason: str = ""
         self.timed_out = False
         self.counts: Counter[str] = Counter()
+        self.owner = Owner.current()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._warn_fd: int | None = None
         self._log: IO[str] | None = None
         self._timer: threading.Timer | None = None
         self._previous_sigterm: Any = None
@@ -240,7 +263,7 @@ class RunTracker:
         self.session = session
         settings = self.settings
         try:
-            self.store = Store(settings.state_dir)
+            self.store = Store(settings.state_dir, lease=settings.lease)
             test_dir_hash = hash_test_dir(settings.test_dir, settings.hash_ignore, exclude=self._generated_dirs())
             self._prepare(self.store, test_dir_hash)
         except (StateError, HashError) as error:
@@ -299,6 +322,8 @@ class RunTracker:
     def _claim(self, store: Store, run: Run) -> Run:
         run_dir = store.run_dir(run.id)
         changes: dict[str, Any] = {
+            **self.owner.run_fields(),
+            "heartbeat_at": datetime.now(UTC),
             "test_dir": str(self.settings.test_dir),
             "artifacts_path": str(run_dir / "artifacts"),
             "logs_path": str(run_dir / "log.jsonl"),
@@ -317,6 +342,11 @@ class RunTracker:
         self.config.stash[_RUN_KEY] = self.run
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Capturing is suspended during sessionstart: this is the real stderr, where the
+        # heartbeat thread can warn at once even while a test's output is being captured.
+        self._warn_fd = os.dup(2)
+        self._heartbeat = threading.Thread(target=self._beat, name="pytest-runs-heartbeat", daemon=True)
+        self._heartbeat.start()
         if self.settings.timeout is not None:
             self._main_thread = threading.get_ident()
             self._timer = threading.Timer(self.settings.timeout, self._on_deadline)
@@ -334,6 +364,29 @@ class RunTracker:
         # A real SIGINT, so that a main thread blocked in a system call wakes up too; its
         # KeyboardInterrupt then stops the session through pytest's own path.
         signal.pthread_kill(self._main_thread, signal.SIGINT)
+
+    def _beat(self) -> None:
+        from .store import InvalidTransition, RunEnded, StateError
+
+        assert self.run is not None and self.store is not None
+        while not self._heartbeat_stop.wait(self.settings.heartbeat):
+            try:
+                self.store.heartbeat(self.run.id, self.owner)
+            except RunEnded as ended:
+                self.ended_elsewhere = ended.run
+                self._warn(
+                    f"run {ended.run.id} was ended by someone else while this session runs "
+                    f"({ended.run.status.value}, {ended.run.error_code}: {ended.run.error_msg}); "
+                    f"machine {ended.run.machine} may no longer be this session's"
+                )
+                return
+            except (InvalidTransition, StateError) as error:
+                self._warn(f"heartbeat of run {self.run.id} failed: {error}")
+
+    def _warn(self, message: str) -> None:
+        if self._warn_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._warn_fd, f"\npytest-runs: WARNING: {message}\n".encode())
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -395,6 +448,12 @@ class RunTracker:
 
         if self._timer is not None:
             self._timer.cancel()
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self._warn_fd is not None:
+            os.close(self._warn_fd)
+            self._warn_fd = None
         if self._log is not None:
             self._log.close()
             self._log = None

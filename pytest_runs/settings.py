@@ -8,9 +8,17 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["STATE_DIR_ENV", "check_machine_name", "default_state_dir", "parse_seconds", "resolve_state_dir"]
+__all__ = [
+    "LEASE_ENV",
+    "STATE_DIR_ENV",
+    "check_machine_name",
+    "default_state_dir",
+    "parse_seconds",
+    "resolve_state_dir",
+]
 
 STATE_DIR_ENV = "PYTEST_RUNS_STATE_DIR"
+LEASE_ENV = "PYTEST_RUNS_LEASE"
 _MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 

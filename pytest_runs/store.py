@@ -35,6 +35,7 @@ from typing import Any
 from filelock import FileLock
 
 from .model import PrepareOutcome, Run, Status, run_created_at
+from .owner import DEFAULT_LEASE, Owner, describe_owner, stale_reason
 
 # An alias, because inside Store the name ``list`` is the method.
 RunList = list[Run]
@@ -115,10 +116,15 @@ class Store:
     """Runs persisted to ``<state_dir>/runs.json``, safe across threads and processes.
 
     ``state_dir`` is created with mode 0700 when missing. Returned runs are copies:
-    changing one changes nothing until :meth:`update`.
+    changing one changes nothing until :meth:`update`. ``lease`` is how many seconds a
+    run's heartbeat stays valid (see :meth:`prepare_atomic`).
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> None:
+        if not lease > 0:
+            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
+        self.lease = lease
+        self._here = Owner.current()
         self.state_dir = Path(state_dir).absolute()
         self.state_path = self.state_dir / STATE_FILE_NAME
         self.lock_path = self.state_dir / LOCK_FILE_NAME
@@ -182,12 +188,19 @@ class Store:
         call ``mk()`` (only then) for the pending run to create, give it an ID, persist it
         and return it with ``CREATED``. Two callers can never both create a run for one
         machine. ``mk`` must not call this store.
+
+        First, in the same critical section, the machine's stale runs (whose owner is
+        gone, see :func:`~pytest_runs.owner.stale_reason`) end as ``interrupted`` with
+        ``error_code`` ``owner_lost``, so a killed session never blocks its machine.
         """
         _require_name(machine, "machine")
         _require_name(test_dir_hash, "test dir hash")
         with self._locked() as runs:
+            reclaimed = self._reclaim_stale(runs, machine)
             active = _active(runs, machine)
             if active is not None:
+                if reclaimed:
+                    self._write(runs)
                 outcome = PrepareOutcome.REUSE if active.test_dir_hash == test_dir_hash else PrepareOutcome.BUSY
                 return active, outcome
             run = mk()
@@ -269,6 +282,27 @@ class Store:
             )
 
         return self._modify(run_id, end)
+
+    def heartbeat(self, run_id: str, owner: Owner) -> Run:
+        """Refresh ``heartbeat_at`` of a run that is still ``owner``'s and not ended; nothing else changes.
+
+        Raises :class:`RunEnded` if the run has ended (it was released or reclaimed) and
+        :class:`InvalidTransition` if another process owns it: a heartbeat never
+        overwrites a concurrent finish or release.
+        """
+
+        def beat(run: Run) -> None:
+            if run.status.is_terminal:
+                raise RunEnded(run, "heartbeat")
+            if not owner.owns(run):
+                raise InvalidTransition(f"run {run.id} is owned by another process ({describe_owner(run)})")
+            run.heartbeat_at = _utcnow()
+
+        return self._modify(run_id, beat)
+
+    def stale_reason(self, run: Run) -> str | None:
+        """Why ``run`` has lost its owner, judged with this store's lease; ``None`` if it has not."""
+        return stale_reason(run, _utcnow(), self.lease, self._here)
 
     def machines(self) -> builtins.list[MachineState]:
         """One entry per machine seen in the store, sorted by name."""
@@ -431,6 +465,22 @@ class Store:
         for orphan in self.state_dir.glob(f".{STATE_FILE_NAME}.*.tmp"):
             with contextlib.suppress(OSError):
                 orphan.unlink()
+
+    def _reclaim_stale(self, runs: RunList, machine: str) -> bool:
+        now = _utcnow()
+        reclaimed = False
+        for run in runs:
+            if run.machine != machine or (reason := stale_reason(run, now, self.lease, self._here)) is None:
+                continue
+            _apply(
+                run,
+                status=Status.INTERRUPTED,
+                error_code="owner_lost",
+                error_msg=f"owner lost ({describe_owner(run)}): {reason}",
+                ended_at=now,
+            )
+            reclaimed = True
+        return reclaimed
 
     def _append(self, runs: RunList, run: Run) -> None:
         run.id = _new_id(runs)

@@ -14,6 +14,7 @@ import pytest
 
 from pytest_runs import Run, Status, Store
 from pytest_runs.cli import main
+from pytest_runs.model import OPTIONAL_KEYS
 
 CONTRACT_KEYS = [
     "id",
@@ -61,7 +62,7 @@ def json_out(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
 
 def assert_contract(data: dict[str, Any]) -> None:
     assert list(data)[: len(CONTRACT_KEYS)] == CONTRACT_KEYS
-    assert set(data) - set(CONTRACT_KEYS) <= {"batch_id", "plan_entry"}
+    assert set(data) - set(CONTRACT_KEYS) <= OPTIONAL_KEYS
     for key in ("started_at", "ended_at"):
         value = data[key]
         assert value is None or (value.endswith("Z") and len(value) == len("2026-11-26T18:04:58.123456Z"))
