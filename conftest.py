@@ -12,7 +12,7 @@ pytest_plugins = ["pytester"]
 @pytest.fixture(autouse=True)
 def _isolated_runs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in list(os.environ):
-        if name.startswith("PYTEST_RUNS_"):
+        if name.startswith("PYTEST_RUNS_") or name in ("COLUMNS", "NO_COLOR"):
             monkeypatch.delenv(name)
     # Whatever a test forgets to point elsewhere lands in a throwaway folder, never in ~/.local/state.
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))

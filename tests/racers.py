@@ -46,3 +46,33 @@ def create_forever(state_dir: str) -> None:
 
 if __name__ == "__main__":
     create_forever(sys.argv[1])
+
+
+def load_cycles(
+    state_dir: str, worker: int, cycles: int, machines: int, start: multiprocessing.synchronize.Barrier
+) -> tuple[int, list[str]]:
+    """Prepare, run and finish over and over; return the CREATED count and any invariant broken."""
+    import random
+
+    rng = random.Random(worker)
+    store = Store(state_dir)
+    created, broken = 0, []
+    start.wait()
+    for _ in range(cycles):
+        machine = f"rig-{rng.randrange(machines)}"
+        run, outcome = store.prepare_atomic(machine, f"h{rng.randrange(3)}", Run)
+        if outcome.name == "CREATED":
+            created += 1
+            store.start(run.id)
+        broken.extend(_more_than_one_active(store.list()))
+        if outcome.name == "CREATED":
+            store.finish(run.id, Status.COMPLETED, exit_code=0)
+    return created, broken
+
+
+def _more_than_one_active(runs: list[Run]) -> list[str]:
+    active: dict[str, list[str]] = {}
+    for run in runs:
+        if not run.status.is_terminal:
+            active.setdefault(run.machine, []).append(run.id)
+    return [f"{machine}: {ids}" for machine, ids in active.items() if len(ids) > 1]

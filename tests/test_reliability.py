@@ -1,0 +1,364 @@
+"""Faults, load and hostile state, with real processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import racers
+
+from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, StateError, Status, Store
+from pytest_runs.owner import Owner, process_start_time
+
+HERE = Owner.current(environ={})
+
+
+def dead_owner_fields() -> dict[str, object]:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start_time(child.pid) or ""
+    child.wait()
+    return {"owner_host": HERE.host, "owner_boot_id": HERE.boot_id, "owner_pid": child.pid, "owner_started": started}
+
+
+# -- reclaiming stale runs in the store -------------------------------------------------
+
+
+def test_prepare_reclaims_a_run_whose_owner_died(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    orphan = store.create(Run(machine="rig-1", test_dir_hash="h1", heartbeat_at=datetime.now(UTC)))
+    store.start(orphan.id, **dead_owner_fields())
+    other_machine = store.create(Run(machine="rig-2", test_dir_hash="h1"))
+    store.start(other_machine.id, **dead_owner_fields())
+    fresh, outcome = store.prepare_atomic("rig-1", "h2", Run)
+    assert outcome is PrepareOutcome.CREATED
+    ended = store.get(orphan.id)
+    assert (ended.status, ended.error_code) == (Status.INTERRUPTED, "owner_lost")
+    assert f"host {HERE.host} PID {ended.owner_pid}, last heartbeat " in ended.error_msg
+    assert ended.error_msg.endswith(f"process {ended.owner_pid} is gone")
+    assert ended.ended_at is not None
+    assert store.get(other_machine.id).status is Status.RUNNING, "only the prepared machine is looked at"
+    assert store.active_by_machine("rig-1") == fresh
+
+
+def test_an_unclaimed_reservation_expires(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state", lease=60)
+    old = datetime.now(UTC) - timedelta(seconds=61)
+    reservation = store.create(Run(machine="rig-1", test_dir_hash="h1", owner_host="elsewhere", heartbeat_at=old))
+    _, outcome = store.prepare_atomic("rig-1", "h2", Run)
+    assert outcome is PrepareOutcome.CREATED
+    assert store.get(reservation.id).error_code == "owner_lost"
+
+
+def test_a_live_owner_keeps_its_machine(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    run = store.create(Run(machine="rig-1", test_dir_hash="h1"))
+    store.start(run.id, **HERE.run_fields(), heartbeat_at=datetime.now(UTC))
+    holder, outcome = store.prepare_atomic("rig-1", "h2", Run)
+    assert (holder.id, outcome) == (run.id, PrepareOutcome.BUSY)
+
+
+def test_heartbeat_changes_only_heartbeat_at_and_never_revives(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    run = store.create(Run(machine="rig-1", test_dir_hash="h1"))
+    before = store.start(run.id, **HERE.run_fields(), heartbeat_at=datetime(2026, 1, 1, tzinfo=UTC))
+    after = store.heartbeat(run.id, HERE)
+    assert after.heartbeat_at is not None and before.heartbeat_at is not None
+    assert after.heartbeat_at > before.heartbeat_at
+    after.heartbeat_at = before.heartbeat_at
+    assert after == before
+    other = Owner(host=HERE.host, boot_id=HERE.boot_id, pid=1, started="1")
+    with pytest.raises(InvalidTransition, match="owned by another process"):
+        store.heartbeat(run.id, other)
+    store.release(run.id, "gone fishing")
+    with pytest.raises(RunEnded):
+        store.heartbeat(run.id, HERE)
+    assert store.get(run.id).status is Status.INTERRUPTED
+
+
+def test_heartbeat_racing_finish_in_threads(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    for _ in range(30):
+        run, _ = store.prepare_atomic("rig-1", "h", Run)
+        store.start(run.id, **HERE.run_fields())
+        stop = threading.Event()
+
+        def beat(run_id: str = run.id, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                try:
+                    store.heartbeat(run_id, HERE)
+                except RunEnded:
+                    return
+
+        beater = threading.Thread(target=beat)
+        beater.start()
+        store.finish(run.id, Status.COMPLETED, exit_code=0)
+        stop.set()
+        beater.join()
+        assert store.get(run.id).status is Status.COMPLETED
+
+
+# -- real sessions killed, released, racing ---------------------------------------------
+
+HOLD = """
+import os, pathlib, time
+
+def test_hold():
+    pathlib.Path(os.environ["STARTED_MARKER"]).write_text(str(os.getpid()))
+    release = pathlib.Path(os.environ["RELEASE_FILE"])
+    deadline = time.monotonic() + 120
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+"""
+
+
+def session(
+    pytester: pytest.Pytester, state_dir: Path, tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], Path, Path]:
+    marker, release = tmp_path / f"{name}.started", tmp_path / f"{name}.release"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1", *args],
+        cwd=pytester.path,
+        env={
+            **os.environ,
+            "PYTEST_RUNS_STATE_DIR": str(state_dir),
+            "STARTED_MARKER": str(marker),
+            "RELEASE_FILE": str(release),
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, marker, release
+
+
+def wait_for(path: Path, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_of_a_session_frees_its_machine_at_once(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(HOLD)
+    state_dir = tmp_path / "state"
+    victim, started, _ = session(pytester, state_dir, tmp_path, "victim")
+    wait_for(started, victim)
+    victim.kill()
+    victim.communicate()
+    (tmp_path / "next.release").write_text("go")
+    follower, _, _ = session(pytester, state_dir, tmp_path, "next")
+    out, err = follower.communicate(timeout=120)
+    assert follower.returncode == 0, (out, err)
+    old, new = Store(state_dir).list()
+    assert (old.status, old.error_code) == (Status.INTERRUPTED, "owner_lost")
+    assert f"PID {victim.pid}" in old.error_msg
+    assert new.status is Status.COMPLETED
+
+
+def test_sigkill_frees_a_waiting_session(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(HOLD)
+    state_dir = tmp_path / "state"
+    victim, started, _ = session(pytester, state_dir, tmp_path, "victim")
+    wait_for(started, victim)
+    (tmp_path / "waiter.release").write_text("go")
+    waiter, _, _ = session(pytester, state_dir, tmp_path, "waiter", "--runs-on-busy=wait", "--runs-wait-timeout=300")
+    assert waiter.stdout is not None
+    first_line = ""
+    while "is busy" not in first_line:
+        first_line = waiter.stdout.readline()
+        assert first_line, "the waiter never reported the busy machine"
+    victim.kill()
+    victim.communicate()
+    killed_at = time.monotonic()
+    out, err = waiter.communicate(timeout=280)
+    assert waiter.returncode == 0, (out, err)
+    assert time.monotonic() - killed_at < 120, "the waiter should proceed at once, not wait out a lease"
+    old, new = Store(state_dir).list()
+    assert old.error_code == "owner_lost" and new.status is Status.COMPLETED
+
+
+def test_a_session_released_while_running_warns_and_keeps_the_record(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(HOLD)
+    state_dir = tmp_path / "state"
+    ci = {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "o/r", "GITHUB_RUN_ID": "77", "GITHUB_RUN_ATTEMPT": ""}
+    process, started, release = session(pytester, state_dir, tmp_path, "s", "--runs-heartbeat=0.2", env=ci)
+    wait_for(started, process)
+    store = Store(state_dir)
+    (run,) = store.list()
+    assert (run.owner_host, run.owner_pid, run.owner_boot_id) == (HERE.host, process.pid, HERE.boot_id)
+    assert run.owner_started == process_start_time(process.pid)
+    assert run.owner_ci_url == "https://github.com/o/r/actions/runs/77"
+    assert run.heartbeat_at is not None
+    released = store.release(run.id, "operator took the rig")
+    assert process.stderr is not None
+    lines: queue.Queue[str] = queue.Queue()
+    stderr = process.stderr
+
+    def pump() -> None:
+        for line in stderr:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    warning = lines.get(timeout=60)
+    while "WARNING" not in warning:
+        warning = lines.get(timeout=60)
+    # The warning came while the test was still running: it is only now allowed to end.
+    assert f"run {run.id} was ended by someone else" in warning and "released" in warning
+    release.write_text("go")
+    out, _ = process.communicate(timeout=60)
+    assert f"pytest-runs: run {run.id} was ended by someone else while this session ran" in out
+    final = store.get(run.id)
+    assert final == released, "the session must not overwrite a release"
+
+
+def test_heartbeat_racing_finish_in_many_short_sessions(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(
+        "import time, pytest\n@pytest.mark.parametrize('n', range(3))\ndef test_q(n): time.sleep(0.02)\n"
+    )
+    state_dir = tmp_path / "state"
+    store = Store(state_dir)
+    seen_terminal: set[str] = set()
+    reverted: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for run in store.list():
+                if run.status.is_terminal:
+                    seen_terminal.add(run.id)
+                elif run.id in seen_terminal:
+                    reverted.append(run.id)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for index in range(12):
+            process, _, _ = session(pytester, state_dir, tmp_path, f"s{index}", "--runs-heartbeat=0.01")
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, (out, err)
+    finally:
+        stop.set()
+        watcher.join()
+    assert not reverted
+    runs = store.list()
+    assert len(runs) == 12 and all(r.status is Status.COMPLETED for r in runs)
+
+
+# -- load -------------------------------------------------------------------------------
+
+
+def test_load_8_processes_60_cycles_4_machines(tmp_path: Path) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    state_dir = str(tmp_path / "state")
+    workers, cycles, machines = 8, 60, 4
+    manager = spawn.Manager()
+    start = manager.Barrier(workers)
+    with spawn.Pool(workers) as pool:
+        pending = [
+            pool.apply_async(racers.load_cycles, (state_dir, w, cycles, machines, start)) for w in range(workers)
+        ]
+        results = [p.get(timeout=600) for p in pending]
+    manager.shutdown()
+    broken = [b for _, found in results for b in found]
+    assert not broken, broken[:5]
+    runs = Store(state_dir).list()
+    assert len(runs) == sum(created for created, _ in results)
+    assert all(r.status.is_terminal for r in runs)
+    by_machine: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_machine[run.machine].append(run)
+    for machine_runs in by_machine.values():
+        machine_runs.sort(key=lambda r: r.started_at or datetime.min.replace(tzinfo=UTC))
+        for earlier, later in itertools.pairwise(machine_runs):
+            assert earlier.ended_at is not None and later.started_at is not None
+            assert later.started_at >= earlier.ended_at, f"{earlier.id} and {later.id} overlap"
+
+
+# -- hostile state ----------------------------------------------------------------------
+
+
+def hostile_state(state_dir: Path, record: dict[str, object]) -> None:
+    state_dir.mkdir(mode=0o700)
+    document = {"format": "pytest-runs-state", "version": 1, "runs": [record]}
+    (state_dir / "runs.json").write_text(json.dumps(document))
+
+
+def test_prune_never_deletes_outside_the_state_dir(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    state_dir = tmp_path / "state"
+    hostile_state(
+        state_dir,
+        {"id": "../../victim", "machine": "rig-1", "status": "completed", "ended_at": "2020-01-01T00:00:00Z",
+         "artifacts_path": str(victim), "logs_path": str(victim / "precious")},
+    )  # fmt: skip
+    removed = Store(state_dir).prune(keep=0)
+    assert [r.id for r in removed] == ["../../victim"]
+    assert (victim / "precious").read_text() == "keep me"
+
+
+def test_a_session_refuses_to_claim_a_run_with_an_unsafe_id(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    from pytest_runs.hashing import hash_test_dir
+
+    pytester.makepyfile("def test_a(): pass\n")
+    pytester.makeini("[pytest]\nruns_hash_ignore =\n    stdout\n    stderr\n    runpytest-*\n")
+    state_dir = tmp_path / "state"
+    test_hash = hash_test_dir(pytester.path, ignore=["stdout", "stderr", "runpytest-*"])
+    hostile_state(state_dir, {"id": "../../../tmp/evil", "machine": "rig-1", "test_dir_hash": test_hash})
+    os.environ["PYTEST_RUNS_STATE_DIR"] = str(state_dir)
+    try:
+        result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    finally:
+        del os.environ["PYTEST_RUNS_STATE_DIR"]
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["ERROR: pytest-runs: run ID '../../../tmp/evil' is not a safe path component*"])
+    assert not Path("/tmp/evil").exists()
+
+
+def test_cli_shows_a_stale_holder_as_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_runs.cli import main
+
+    store = Store(tmp_path / "state")
+    run = store.create(Run(machine="rig-1", test_dir_hash="h"))
+    store.start(run.id, **dead_owner_fields(), heartbeat_at=datetime.now(UTC))
+    assert main(["--state-dir", str(tmp_path / "state"), "machines"]) == 0
+    out = capsys.readouterr().out
+    assert "busy (stale)" in out and "stale: process" in out
+    assert main(["--state-dir", str(tmp_path / "state"), "list"]) == 0
+    assert "running (stale)" in capsys.readouterr().out
+    assert store.get(run.id).status is Status.RUNNING, "looking never changes anything"
+
+
+def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(StateError, match=f"state dir {state_dir} is not writable"):
+        Store(state_dir)
+
+
+def test_killed_session_signal_is_sigkill_not_term(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """Guards the fault above: SIGKILL gives the session no chance to end its own run."""
+    pytester.makepyfile(HOLD)
+    state_dir = tmp_path / "state"
+    victim, started, _ = session(pytester, state_dir, tmp_path, "victim")
+    wait_for(started, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    (run,) = Store(state_dir).list()
+    assert run.status is Status.RUNNING, "nothing but the next prepare_atomic may end it"

@@ -1,0 +1,137 @@
+"""A stateful property test: the store against a plain in-memory model."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, RunNotFound, Status, Store
+
+machines = st.sampled_from(["rig-1", "rig-2", "board:7"])
+hashes = st.sampled_from(["h1", "h2"])
+statuses = st.sampled_from(list(Status))
+terminal = st.sampled_from([s for s in Status if s.is_terminal])
+
+
+@dataclass
+class Expected:
+    id: str
+    machine: str
+    test_dir_hash: str
+    status: Status
+    exit_code: int | None = None
+    error_msg: str = ""
+
+
+def summary(run: Run) -> tuple[str, str, str, Status, int | None, str]:
+    return (run.id, run.machine, run.test_dir_hash, run.status, run.exit_code, run.error_msg)
+
+
+def expected_summary(e: Expected) -> tuple[str, str, str, Status, int | None, str]:
+    return (e.id, e.machine, e.test_dir_hash, e.status, e.exit_code, e.error_msg)
+
+
+class StoreAgainstModel(RuleBasedStateMachine):
+    ids = Bundle("ids")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = Path(tempfile.mkdtemp(prefix="runs-model-"))
+        self.store = Store(self.folder / "state")
+        self.model: list[Expected] = []
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def find(self, run_id: str) -> Expected | None:
+        return next((e for e in self.model if e.id == run_id), None)
+
+    def active(self, machine: str) -> Expected | None:
+        return next((e for e in self.model if e.machine == machine and not e.status.is_terminal), None)
+
+    @rule(target=ids, machine=machines, test_dir_hash=hashes, status=statuses)
+    def create(self, machine: str, test_dir_hash: str, status: Status) -> str:
+        run = self.store.create(Run(id="ignored", machine=machine, test_dir_hash=test_dir_hash, status=status))
+        assert run.id != "ignored"
+        assert all(run.id > e.id for e in self.model), "IDs sort in creation order"
+        self.model.append(Expected(run.id, machine, test_dir_hash, status))
+        return run.id
+
+    @rule(target=ids, machine=machines, test_dir_hash=hashes)
+    def prepare(self, machine: str, test_dir_hash: str) -> str:
+        holder = self.active(machine)
+        run, outcome = self.store.prepare_atomic(machine, test_dir_hash, Run)
+        if holder is None:
+            assert outcome is PrepareOutcome.CREATED
+            self.model.append(Expected(run.id, machine, test_dir_hash, Status.PENDING))
+        else:
+            same = holder.test_dir_hash == test_dir_hash
+            assert outcome is (PrepareOutcome.REUSE if same else PrepareOutcome.BUSY)
+            assert summary(run) == expected_summary(holder)
+        return run.id
+
+    @rule(run_id=ids, status=statuses, message=st.text(max_size=5))
+    def update(self, run_id: str, status: Status, message: str) -> None:
+        expected = self.find(run_id)
+        run = self.store.get(run_id)
+        run.status, run.error_msg = status, message
+        if expected is None:
+            return
+        if expected.status.is_terminal and status != expected.status:
+            with pytest.raises(InvalidTransition):
+                self.store.update(run)
+            return
+        self.store.update(run)
+        expected.status, expected.error_msg = status, message
+
+    @rule(run_id=ids, status=terminal, exit_code=st.integers(0, 5))
+    def finish(self, run_id: str, status: Status, exit_code: int) -> None:
+        expected = self.find(run_id)
+        assert expected is not None
+        if expected.status.is_terminal:
+            with pytest.raises(RunEnded) as ended:
+                self.store.finish(run_id, status, exit_code=exit_code)
+            assert summary(ended.value.run) == expected_summary(expected)
+            return
+        run = self.store.finish(run_id, status, exit_code=exit_code)
+        # finish records the whole outcome: an error message it is not given is cleared.
+        expected.status, expected.exit_code, expected.error_msg = status, exit_code, ""
+        assert summary(run) == expected_summary(expected)
+
+    @rule(run_id=consumes(ids))
+    def get(self, run_id: str) -> None:
+        expected = self.find(run_id)
+        assert expected is not None
+        assert summary(self.store.get(run_id)) == expected_summary(expected)
+
+    @rule(run_id=st.text(min_size=1, max_size=8))
+    def get_unknown(self, run_id: str) -> None:
+        if self.find(run_id) is None:
+            with pytest.raises(RunNotFound):
+                self.store.get(run_id)
+
+    @rule(machine=machines)
+    def active_by_machine(self, machine: str) -> None:
+        found, expected = self.store.active_by_machine(machine), self.active(machine)
+        assert (found and summary(found)) == (expected and expected_summary(expected))
+
+    @rule(machine=machines, test_dir_hash=hashes)
+    def find_by_hash(self, machine: str, test_dir_hash: str) -> None:
+        found = self.store.find_by_test_dir_hash_and_machine(test_dir_hash, machine)
+        wanted = [e for e in self.model if e.machine == machine and e.test_dir_hash == test_dir_hash]
+        assert [summary(r) for r in found] == [expected_summary(e) for e in wanted]
+
+    @invariant()
+    def list_matches(self) -> None:
+        assert [summary(r) for r in self.store.list()] == [expected_summary(e) for e in self.model]
+
+
+StoreAgainstModel.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+TestStoreAgainstModel = StoreAgainstModel.TestCase
