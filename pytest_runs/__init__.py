@@ -1,7 +1,13 @@
 """pytest-runs: track every pytest session as a run on a named target machine."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .model import PrepareOutcome, Run, Status
-from .store import InvalidTransition, MachineState, RunEnded, RunNotFound, StateError, Store
+
+if TYPE_CHECKING:
+    from .store import InvalidTransition, MachineState, RunEnded, RunNotFound, StateError, Store
 
 __all__ = [
     "InvalidTransition",
@@ -14,3 +20,15 @@ __all__ = [
     "Status",
     "Store",
 ]
+
+_FROM_STORE = frozenset({"InvalidTransition", "MachineState", "RunEnded", "RunNotFound", "StateError", "Store"})
+
+
+def __getattr__(name: str) -> Any:
+    # The store (and filelock) load on first use, so that a pytest session without
+    # --runs-machine, which imports this package for its plugin, does not pay for them.
+    if name in _FROM_STORE:
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,10 +28,10 @@ import pytest
 
 from .display import describe_holder, format_duration
 from .model import PrepareOutcome, Run, Status
-from .owner import DEFAULT_HEARTBEAT, DEFAULT_LEASE, Owner
 from .settings import check_machine_name, parse_seconds, resolve_state_dir
 
 if TYPE_CHECKING:
+    from .owner import Owner
     from .store import Store
 
 __all__ = ["EXIT_BUSY", "runs_artifacts_dir", "runs_run"]
@@ -164,6 +164,8 @@ class _Settings:
         if not test_dir.is_dir():
             raise ValueError(f"--runs-test-dir {test_dir} is not a folder")
         state_dir = resolve_state_dir(_setting(config, "state_dir"))
+        from .owner import DEFAULT_HEARTBEAT, DEFAULT_LEASE
+
         wait_timeout = seconds("wait_timeout", "3600")
         heartbeat = seconds("heartbeat", str(DEFAULT_HEARTBEAT), allow_zero=False)
         lease = seconds("lease", str(DEFAULT_LEASE), allow_zero=False)
@@ -244,7 +246,9 @@ class RunTracker:
         self.stop_reason: str = ""
         self.timed_out = False
         self.counts: Counter[str] = Counter()
-        self.owner = Owner.current()
+        from .owner import Owner
+
+        self.owner: Owner = Owner.current()
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._warn_fd: int | None = None
@@ -280,12 +284,15 @@ class RunTracker:
 
     def _mk(self, test_dir_hash: str) -> Callable[[], Run]:
         settings = self.settings
+        # Owned from birth: if this process dies before claiming it, the run is stale, not stuck.
         return lambda: Run(
             machine=settings.machine,
             test_dir=str(settings.test_dir),
             test_dir_hash=test_dir_hash,
             batch_id=settings.batch,
             plan_entry=settings.plan_entry,
+            heartbeat_at=datetime.now(UTC),
+            **self.owner.run_fields(),
         )
 
     def _prepare(self, store: Store, test_dir_hash: str) -> None:
@@ -296,7 +303,9 @@ class RunTracker:
         progress = _WaitProgress(self.config, settings.machine)
         while True:
             run, outcome = store.prepare_atomic(settings.machine, test_dir_hash, self._mk(test_dir_hash))
-            if outcome is PrepareOutcome.CREATED or run.status is Status.PENDING:
+            # A pending run for exactly these tests is a reservation: claim it.
+            reserved = outcome is PrepareOutcome.REUSE and run.status is Status.PENDING
+            if outcome is PrepareOutcome.CREATED or reserved:
                 try:
                     self.run = self._claim(store, run)
                 except (InvalidTransition, RunEnded):

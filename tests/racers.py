@@ -34,12 +34,19 @@ def create_and_update(state_dir: str, worker: int, count: int, start: multiproce
 
 
 def create_forever(state_dir: str) -> None:
-    """Create runs until killed, printing each ID once ``create`` has returned."""
+    """Create and update runs until killed, printing each once ``create``/``update`` has returned.
+
+    Lines are ``C <id>`` after a create and ``U <id> <exit code>`` after an update.
+    """
     store = Store(state_dir)
     index = 0
     while True:
         run = store.create(Run(machine=f"m{index % 4}", test_dir_hash=f"h{index}", error_msg="x" * (index % 300)))
-        sys.stdout.write(run.id + "\n")
+        sys.stdout.write(f"C {run.id}\n")
+        sys.stdout.flush()
+        run.exit_code = index
+        store.update(run)
+        sys.stdout.write(f"U {run.id} {index}\n")
         sys.stdout.flush()
         index += 1
 

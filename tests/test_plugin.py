@@ -344,6 +344,16 @@ def test_busy_fail(pytester: pytest.Pytester, state_dir: Path) -> None:
     assert runs_in(state_dir) == [holder]
 
 
+def test_a_reservation_for_other_tests_is_busy(pytester: pytest.Pytester, state_dir: Path) -> None:
+    store = Store(state_dir)
+    reservation, _ = store.prepare_atomic("rig-1", "e" * 64, lambda: Run(test_dir="/other"))
+    pytester.makepyfile(PASSING)
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    assert result.ret == EXIT_BUSY
+    result.stderr.fnmatch_lines([f"*busy with run {reservation.id} (pending, hash eeeeeeeeeeee, held for *"])
+    assert runs_in(state_dir) == [reservation]
+
+
 def test_same_tests_already_running_is_busy_too(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makepyfile(PASSING)
     ignore_pytester_files(pytester)

@@ -94,10 +94,11 @@ def test_processes_creating_and_updating_lose_nothing(
 
 
 def test_writers_killed_at_random_moments(tmp_path: Path) -> None:
-    """SIGKILL mid-write, many times: the state always loads and no returned create is lost."""
+    """SIGKILL mid-write, many times: the state always loads and no returned create or update is lost."""
     state_dir = tmp_path / "state"
     rng = random.Random(1234)
-    confirmed: list[str] = []
+    created: list[str] = []
+    updated: dict[str, int] = {}
     for _ in range(25):
         writer = subprocess.Popen(
             [sys.executable, racers.__file__, str(state_dir)],
@@ -106,14 +107,23 @@ def test_writers_killed_at_random_moments(tmp_path: Path) -> None:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
         assert writer.stdout is not None
-        confirmed.append(writer.stdout.readline().strip())  # at least one write has landed
+        lines = [writer.stdout.readline()]  # at least one write has landed
         time.sleep(rng.uniform(0, 0.05))
         writer.send_signal(signal.SIGKILL)
         out, _ = writer.communicate()
-        confirmed.extend(line for line in out.splitlines() if line)
-        ids = {r.id for r in Store(state_dir).list()}
-        missing = [run_id for run_id in confirmed if run_id not in ids]
+        lines.extend(out.splitlines())
+        for line in lines:
+            match line.split():
+                case ["C", run_id]:
+                    created.append(run_id)
+                case ["U", run_id, exit_code]:
+                    updated[run_id] = int(exit_code)
+        runs = {r.id: r for r in Store(state_dir).list()}
+        missing = [run_id for run_id in created if run_id not in runs]
         assert not missing, f"{len(missing)} runs whose create had returned are gone"
+        lost = [run_id for run_id, code in updated.items() if runs[run_id].exit_code != code]
+        assert not lost, f"{len(lost)} updates that had returned are gone"
+    assert len(created) >= 25 and updated
     # A killed writer may leave its temporary file behind; the next write removes it.
     Store(state_dir).create(Run(machine="last", test_dir_hash="h"))
     assert sorted(p.name for p in state_dir.iterdir()) == ["runs.json", "runs.lock"]

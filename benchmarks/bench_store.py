@@ -1,0 +1,63 @@
+"""How the store's cost grows with the number of runs kept.
+
+    .venv/bin/python benchmarks/bench_store.py [--repeat 30]
+
+Every call reads (and a write also fsyncs and renames) the whole state file, so the
+cost grows with the runs kept. Prints medians, and each size's ratio to the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pytest_runs import Run, Status, Store
+
+
+def median_ms(action: Callable[[], object], repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 5000])
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as folder:
+            store = Store(Path(folder) / "state")
+            for index in range(size):
+                store.create(Run(machine=f"rig-{index % 8}", test_dir_hash=f"h{index}", status=Status.COMPLETED))
+            get_id = store.list()[size // 2].id
+            list_ms = median_ms(store.list, args.repeat)
+            get_ms = median_ms(lambda store=store, run_id=get_id: store.get(run_id), args.repeat)  # type: ignore[misc]
+
+            def prepare_cycle(store: Store = store) -> None:
+                run, _ = store.prepare_atomic("rig-bench", "hb", Run)
+                store.finish(run.id, Status.COMPLETED, exit_code=0)
+
+            cycle_ms = median_ms(prepare_cycle, args.repeat)
+            rows.append((size, list_ms, get_ms, cycle_ms, (Path(folder) / "state" / "runs.json").stat().st_size))
+    base = rows[0]
+    headers = ("runs kept", "state KiB", "list ms", "get ms", "prepare+finish ms", "x smallest")
+    print("  ".join(f"{h:>{w}}" for h, w in zip(headers, (9, 9, 8, 8, 17, 10), strict=True)))
+    for size, list_ms, get_ms, cycle_ms, nbytes in rows:
+        print(
+            f"{size:>9}  {nbytes / 1024:>9.0f}  {list_ms:>8.2f}  {get_ms:>8.2f}  {cycle_ms:>17.2f}  "
+            f"{cycle_ms / base[3]:>10.1f}"
+        )
+    print(f"medians of {args.repeat} calls each; the last column compares prepare+finish to {base[0]} runs kept")
+
+
+if __name__ == "__main__":
+    main()
