@@ -11,25 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from contract import CONTRACT_KEYS
 
 from pytest_runs import Run, Status, Store
 from pytest_runs.cli import main
 from pytest_runs.model import OPTIONAL_KEYS
-
-CONTRACT_KEYS = [
-    "id",
-    "machine",
-    "test_dir",
-    "test_dir_hash",
-    "status",
-    "exit_code",
-    "started_at",
-    "ended_at",
-    "artifacts_path",
-    "logs_path",
-    "error_code",
-    "error_msg",
-]
 
 
 @pytest.fixture
@@ -287,7 +273,9 @@ def test_reserve_then_busy(tmp_path: Path, store: Store, capsys: pytest.CaptureF
     assert len(store.list()) == 1
 
 
-def test_reserve_then_a_real_pytest_claims_it(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_reserve_then_a_real_pytest_claims_it(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     state_dir = tmp_path / "state"
     pytester.makepyfile("def test_ok(runs_run):\n    assert runs_run.batch_id == 'nightly'\n")
     pytester.makeini("[pytest]\nruns_hash_ignore =\n    stdout\n    stderr\n    runpytest-*\n")
@@ -297,11 +285,8 @@ def test_reserve_then_a_real_pytest_claims_it(pytester: pytest.Pytester, tmp_pat
     done = subprocess.run([*reserve, *ignores, "--batch", "nightly"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     reserved = json.loads(done.stdout)
-    os.environ["PYTEST_RUNS_STATE_DIR"] = str(state_dir)
-    try:
-        result = pytester.runpytest_subprocess("--runs-machine=rig-1")
-    finally:
-        del os.environ["PYTEST_RUNS_STATE_DIR"]
+    monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(state_dir))
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
     assert result.ret == 0
     (run,) = Store(state_dir).list()
     assert run.id == reserved["id"]

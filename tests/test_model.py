@@ -7,23 +7,9 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from contract import CONTRACT_KEYS
 
 from pytest_runs import PrepareOutcome, Run, Status
-
-CONTRACT_KEYS = [
-    "id",
-    "machine",
-    "test_dir",
-    "test_dir_hash",
-    "status",
-    "exit_code",
-    "started_at",
-    "ended_at",
-    "artifacts_path",
-    "logs_path",
-    "error_code",
-    "error_msg",
-]
 
 
 def test_status_values_in_contract_order() -> None:

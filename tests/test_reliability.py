@@ -312,7 +312,9 @@ def test_prune_never_deletes_outside_the_state_dir(tmp_path: Path) -> None:
     assert (victim / "precious").read_text() == "keep me"
 
 
-def test_a_session_refuses_to_claim_a_run_with_an_unsafe_id(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_a_session_refuses_to_claim_a_run_with_an_unsafe_id(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pytest_runs.hashing import hash_test_dir
 
     pytester.makepyfile("def test_a(): pass\n")
@@ -320,11 +322,8 @@ def test_a_session_refuses_to_claim_a_run_with_an_unsafe_id(pytester: pytest.Pyt
     state_dir = tmp_path / "state"
     test_hash = hash_test_dir(pytester.path, ignore=["stdout", "stderr", "runpytest-*"])
     hostile_state(state_dir, {"id": "../../../tmp/evil", "machine": "rig-1", "test_dir_hash": test_hash})
-    os.environ["PYTEST_RUNS_STATE_DIR"] = str(state_dir)
-    try:
-        result = pytester.runpytest_subprocess("--runs-machine=rig-1")
-    finally:
-        del os.environ["PYTEST_RUNS_STATE_DIR"]
+    monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(state_dir))
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["ERROR: pytest-runs: run ID '../../../tmp/evil' is not a safe path component*"])
     assert not Path("/tmp/evil").exists()
