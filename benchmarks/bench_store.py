@@ -9,13 +9,16 @@ cost grows with the runs kept. Prints medians, and each size's ratio to the smal
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pytest_runs import Run, Status, Store
+from pytest_runs.store import FORMAT_NAME, FORMAT_VERSION
 
 
 def median_ms(action: Callable[[], object], repeat: int) -> float:
@@ -27,6 +30,28 @@ def median_ms(action: Callable[[], object], repeat: int) -> float:
     return statistics.median(samples) * 1000
 
 
+def fill(store: Store, size: int) -> None:
+    """Write ``size`` ended runs in one go (creating them one by one would cost O(size**2))."""
+    ended = datetime(2026, 1, 1, tzinfo=UTC)
+    runs = [
+        Run(
+            id=f"20260101-000000-{index:06d}-bench0",
+            machine=f"rig-{index % 8}",
+            test_dir="/src/tests",
+            test_dir_hash=f"{index:064x}",
+            status=Status.COMPLETED,
+            exit_code=0,
+            started_at=ended,
+            ended_at=ended,
+            artifacts_path=f"/state/runs/{index}/artifacts",
+            logs_path=f"/state/runs/{index}/log.jsonl",
+        ).to_dict()
+        for index in range(size)
+    ]
+    document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "runs": runs}
+    store.state_path.write_text(json.dumps(document, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=30)
@@ -36,8 +61,7 @@ def main() -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as folder:
             store = Store(Path(folder) / "state")
-            for index in range(size):
-                store.create(Run(machine=f"rig-{index % 8}", test_dir_hash=f"h{index}", status=Status.COMPLETED))
+            fill(store, size)
             get_id = store.list()[size // 2].id
             list_ms = median_ms(store.list, args.repeat)
             get_ms = median_ms(lambda store=store, run_id=get_id: store.get(run_id), args.repeat)  # type: ignore[misc]

@@ -57,7 +57,7 @@ def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a ``Z``: ``2026-11-26T18:04:58.123456Z``."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"timestamp {moment.isoformat()} has no time zone; use an aware datetime")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
