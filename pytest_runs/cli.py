@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .display import describe_holder, format_ago, format_duration, held_since
+from .display import describe_holder, format_ago, format_duration, held_for
 from .hashing import HashError, hash_test_dir
 from .model import PrepareOutcome, Run, Status
 from .owner import DEFAULT_LEASE, Owner
@@ -264,8 +264,7 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
     for state in states:
         holder = "-"
         if state.active is not None:
-            since = held_since(state.active)
-            held = "?" if since is None else format_duration((now - since).total_seconds())
+            held = held_for(state.active, now)
             stale = store.stale_reason(state.active)
             holder = f"{state.active.id} ({state.active.status.value}, {held}" + (
                 f"; stale: {stale})" if stale else ")"

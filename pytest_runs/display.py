@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from .model import Run, run_created_at
 
-__all__ = ["describe_holder", "format_ago", "format_duration", "held_since"]
+__all__ = ["describe_holder", "format_ago", "format_duration", "held_for", "held_since"]
 
 
 def format_duration(seconds: float) -> str:
@@ -44,8 +44,12 @@ def held_since(run: Run) -> datetime | None:
     return run.started_at or run_created_at(run.id)
 
 
+def held_for(run: Run, now: datetime | None = None) -> str:
+    """How long ``run`` has held its machine, as :func:`format_duration` writes it; ``?`` if unknown."""
+    since = held_since(run)
+    return "?" if since is None else format_duration(((now or datetime.now(UTC)) - since).total_seconds())
+
+
 def describe_holder(run: Run, now: datetime | None = None) -> str:
     """``run ID (running, hash 0123456789ab, held for 3m12s)``."""
-    since = held_since(run)
-    held = "?" if since is None else format_duration(((now or datetime.now(UTC)) - since).total_seconds())
-    return f"run {run.id} ({run.status.value}, hash {run.short_hash}, held for {held})"
+    return f"run {run.id} ({run.status.value}, hash {run.short_hash}, held for {held_for(run, now)})"

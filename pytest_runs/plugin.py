@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
-from .display import describe_holder, format_duration
+from .display import describe_holder, format_duration, held_for
 from .model import PrepareOutcome, Run, Status
 from .settings import check_machine_name, parse_seconds, resolve_state_dir
 
@@ -325,7 +325,13 @@ class RunTracker:
                 if settings.on_busy == "wait":
                     message += f"; gave up after waiting {format_duration(waited)}"
                 pytest.exit(message, returncode=EXIT_BUSY)
-            progress.show(f"{message}; waiting {format_duration(waited)} of {format_duration(settings.wait_timeout)}")
+            waiting = f"waiting {format_duration(waited)} of {format_duration(settings.wait_timeout)}"
+            progress.show(
+                line=f"{message}; {waiting}",
+                # On a terminal the changing part comes first, so that a narrow one cuts the rest.
+                in_place=f"pytest-runs: {waiting}: {settings.machine} {run.status.value} for {held_for(run)}, "
+                f"run {run.id} (hash {run.short_hash})",
+            )
             time.sleep(min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
 
     def _claim(self, store: Store, run: Run) -> Run:
@@ -551,15 +557,15 @@ class _WaitProgress:
         self.last_line_at: float | None = None
         self.shown = False
 
-    def show(self, text: str) -> None:
+    def show(self, line: str, in_place: str) -> None:
         if self.in_place:
             width = max(20, self.writer.fullwidth - 1)
-            self.writer.write("\r" + text[:width].ljust(width), flush=True)
+            self.writer.write("\r" + in_place[:width].ljust(width), flush=True)
             self.shown = True
             return
         now = time.monotonic()
         if self.last_line_at is None or now - self.last_line_at >= _WAIT_REPORT_EVERY:
-            self.writer.line(text, flush=True)
+            self.writer.line(line, flush=True)
             self.last_line_at = now
 
     def done(self) -> None:

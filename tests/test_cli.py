@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from contract import CONTRACT_KEYS
+from terminal import run_on_a_terminal
 
 from pytest_runs import Run, Status, Store
 from pytest_runs.cli import main
@@ -371,31 +372,13 @@ def _script() -> str:
 
 
 def test_colour_only_on_a_terminal_and_never_with_no_color(store: Store, state_dir: Path) -> None:
-    import pty
-
     finished(store, "rig-1", Status.FAILED)
-
-    def on_a_terminal(extra_env: dict[str, str]) -> str:
-        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-        env.update(extra_env, TERM="xterm")
-        primary, secondary = pty.openpty()
-        with subprocess.Popen([_script(), "list"], stdout=secondary, stderr=secondary, env=env) as process:
-            os.close(secondary)
-            chunks = []
-            while True:
-                try:
-                    chunk = os.read(primary, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        os.close(primary)
-        assert process.returncode == 0
-        return b"".join(chunks).decode()
-
-    assert "\x1b[31;1mfailed\x1b[0m" in on_a_terminal({})
-    plain = on_a_terminal({"NO_COLOR": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"TERM": "xterm"}
+    code, coloured = run_on_a_terminal([_script(), "list"], env)
+    assert code == 0
+    assert "\x1b[31;1mfailed\x1b[0m" in coloured
+    code, plain = run_on_a_terminal([_script(), "list"], env | {"NO_COLOR": "1"})
+    assert code == 0
     assert "failed" in plain and "\x1b[" not in plain
     piped = subprocess.run([_script(), "list"], capture_output=True, text=True, check=True).stdout
     assert "failed" in piped and "\x1b[" not in piped

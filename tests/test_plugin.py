@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from terminal import run_on_a_terminal
 
 from pytest_runs import PrepareOutcome, Run, Status, Store
 from pytest_runs.hashing import hash_test_dir
@@ -381,6 +382,17 @@ def test_busy_wait_gives_up_as_fail(pytester: pytest.Pytester, state_dir: Path) 
     result.stdout.fnmatch_lines([f"pytest-runs: machine rig-1 is busy with run {holder.id} *; waiting 0s of 1s"])
     result.stderr.fnmatch_lines(["Exit: *busy with run*; gave up after waiting 1s"])
     assert runs_in(state_dir) == [holder]
+
+
+def test_busy_wait_shows_the_holder_in_place_on_a_terminal(pytester: pytest.Pytester, state_dir: Path) -> None:
+    holder = occupy(state_dir)
+    pytester.makepyfile(PASSING)
+    argv = [sys.executable, "-m", "pytest", "--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=2"]
+    code, output = run_on_a_terminal(argv, os.environ | {"TERM": "xterm", "COLUMNS": "200"}, cwd=pytester.path)
+    assert code == EXIT_BUSY
+    updates = [part for part in output.split("\r") if part.startswith("pytest-runs: waiting")]
+    assert len(updates) >= 2, output
+    assert "rig-1 running for " in updates[-1] and holder.id in updates[-1]
 
 
 def test_busy_wait_proceeds_once_the_machine_is_free(pytester: pytest.Pytester, state_dir: Path) -> None:
