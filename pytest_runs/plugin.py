@@ -300,7 +300,7 @@ class RunTracker:
 
         settings = self.settings
         waiting_since = time.monotonic()
-        progress = _WaitProgress(self.config, settings.machine)
+        progress = _WaitProgress(self.config)
         while True:
             run, outcome = store.prepare_atomic(settings.machine, test_dir_hash, self._mk(test_dir_hash))
             # A pending run for exactly these tests is a reservation: claim it.
@@ -551,7 +551,7 @@ def _summary(counts: Counter[str]) -> str:
 class _WaitProgress:
     """Shows who holds the machine: in place on a terminal, else a line every 30 seconds."""
 
-    def __init__(self, config: pytest.Config, machine: str) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.writer = config.get_terminal_writer()
         self.in_place = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
         self.last_line_at: float | None = None
