@@ -380,7 +380,7 @@ def test_busy_wait_gives_up_as_fail(pytester: pytest.Pytester, state_dir: Path) 
     result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=1")
     assert result.ret == EXIT_BUSY
     result.stdout.fnmatch_lines([f"pytest-runs: machine rig-1 is busy with run {holder.id} *; waiting 0s of 1s"])
-    result.stderr.fnmatch_lines(["Exit: *busy with run*; gave up after waiting 1s"])
+    result.stderr.fnmatch_lines(["Exit: *busy with run*; gave up after waiting *s"])
     assert runs_in(state_dir) == [holder]
 
 
