@@ -262,18 +262,18 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rows = []
     for state in states:
-        holder = "-"
+        machine_state, holder = "idle", "-"
         if state.active is not None:
             held = held_for(state.active, now)
             stale = store.stale_reason(state.active)
+            machine_state = "busy (stale)" if stale else "busy"
             holder = f"{state.active.id} ({state.active.status.value}, {held}" + (
                 f"; stale: {stale})" if stale else ")"
             )
         last = "-"
         if state.last is not None:
             last = f"{state.last.id} {state.last.status.value} {format_ago(state.last.ended_at, now)}"
-        busy = "busy (stale)" if state.active and store.stale_reason(state.active) else "busy"
-        rows.append([state.machine, busy if state.active else "idle", holder, last])
+        rows.append([state.machine, machine_state, holder, last])
     _print_table(["MACHINE", "STATE", "HELD BY", "LAST RUN"], rows, shrinkable={0, 2, 3})
     return EXIT_OK
 

@@ -28,7 +28,7 @@ import pytest
 
 from .display import describe_holder, format_duration, held_for
 from .model import PrepareOutcome, Run, Status
-from .settings import check_machine_name, parse_seconds, resolve_state_dir
+from .settings import LEASE_ENV, STATE_DIR_ENV, check_machine_name, parse_seconds, resolve_state_dir
 
 if TYPE_CHECKING:
     from .owner import Owner
@@ -63,7 +63,7 @@ _OPTIONS = {
         "track this session as a run on target machine NAME (turns pytest-runs on)",
     ),
     "state_dir": _Option(
-        "--runs-state-dir", "runs_state_dir", "PYTEST_RUNS_STATE_DIR", "DIR",
+        "--runs-state-dir", "runs_state_dir", STATE_DIR_ENV, "DIR",
         "the run store (default: $XDG_STATE_HOME/pytest-runs, else ~/.local/state/pytest-runs)",
     ),
     "on_busy": _Option(
@@ -87,7 +87,7 @@ _OPTIONS = {
         "seconds between the session's heartbeats (default: 15)",
     ),
     "lease": _Option(
-        "--runs-lease", "runs_lease", "PYTEST_RUNS_LEASE", "SECONDS",
+        "--runs-lease", "runs_lease", LEASE_ENV, "SECONDS",
         "a run whose heartbeat is older than this is stale and its machine is freed (default: 300)",
     ),
     "batch": _Option(

@@ -251,35 +251,35 @@ class Store:
         """
         if not Status(status).is_terminal:
             raise ValueError(f"finish needs a terminal status, not {Status(status).value}")
-
-        def end(run: Run) -> None:
-            if run.status.is_terminal:
-                raise RunEnded(run, "finish")
-            _apply(
-                run,
-                status=Status(status),
-                exit_code=exit_code,
-                error_code=error_code,
-                error_msg=error_msg,
-                ended_at=ended_at or _utcnow(),
-            )
-
-        return self._modify(run_id, end)
+        return self._end(
+            run_id,
+            "finish",
+            status=Status(status),
+            exit_code=exit_code,
+            error_code=error_code,
+            error_msg=error_msg,
+            ended_at=ended_at or _utcnow(),
+        )
 
     def release(self, run_id: str, reason: str) -> Run:
         """Free a machine whose holder is gone: end the run as ``interrupted``/``released``."""
         _require_name(reason, "reason")
+        return self._end(
+            run_id,
+            "release",
+            status=Status.INTERRUPTED,
+            error_code="released",
+            error_msg=f"released: {reason}",
+            ended_at=_utcnow(),
+        )
+
+    def _end(self, run_id: str, action: str, **outcome: Any) -> Run:
+        """Apply a terminal ``outcome`` to a run that has not ended; :class:`RunEnded` if it has."""
 
         def end(run: Run) -> None:
             if run.status.is_terminal:
-                raise RunEnded(run, "release")
-            _apply(
-                run,
-                status=Status.INTERRUPTED,
-                error_code="released",
-                error_msg=f"released: {reason}",
-                ended_at=_utcnow(),
-            )
+                raise RunEnded(run, action)
+            _apply(run, **outcome)
 
         return self._modify(run_id, end)
 
