@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from .model import PrepareOutcome, Run, Status
 
 if TYPE_CHECKING:
-    from .store import InvalidTransition, MachineState, RunEnded, RunNotFound, StateError, Store
+    from .store import InvalidTransition, MachineState, RunEnded, RunNotFound, StateError, Store, StoreLocked
 
 __all__ = [
     "InvalidTransition",
@@ -19,9 +19,12 @@ __all__ = [
     "StateError",
     "Status",
     "Store",
+    "StoreLocked",
 ]
 
-_FROM_STORE = frozenset({"InvalidTransition", "MachineState", "RunEnded", "RunNotFound", "StateError", "Store"})
+_FROM_STORE = frozenset(
+    {"InvalidTransition", "MachineState", "RunEnded", "RunNotFound", "StateError", "Store", "StoreLocked"}
+)
 
 
 def __getattr__(name: str) -> Any:

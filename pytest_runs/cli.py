@@ -20,10 +20,19 @@ from typing import Any, NoReturn
 
 from .display import describe_holder, format_ago, format_duration, held_for
 from .hashing import HashError, hash_test_dir
+from .identity import read_hash_ignore
+from .liveness import DEFAULT_LEASE
 from .model import PrepareOutcome, Run, Status
-from .owner import DEFAULT_LEASE, Owner
-from .plugin import EXIT_BUSY
-from .settings import LEASE_ENV, check_machine_name, parse_seconds, resolve_state_dir
+from .options import EXIT_BUSY
+from .owner import Owner
+from .settings import (
+    DEFAULT_LOCK_TIMEOUT,
+    LEASE_ENV,
+    LOCK_TIMEOUT_ENV,
+    check_machine_name,
+    parse_seconds,
+    resolve_state_dir,
+)
 from .store import MachineState, RunEnded, RunNotFound, StateError, Store
 
 __all__ = ["main"]
@@ -83,6 +92,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lock_timeout(text: str) -> float:
+    try:
+        return parse_seconds(text, "--lock-timeout", allow_zero=False)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _machine_name(text: str) -> str:
     try:
         return check_machine_name(text)
@@ -96,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pytest-runs",
         description="See and manage the runs that pytest sessions record with --runs-machine.",
         epilog="example: pytest-runs list --machine rig-1 --status failed --limit 5",
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        metavar="SECONDS",
+        type=_lock_timeout,
+        help=f"give up (exit 1) when the store stays locked this long (default: ${LOCK_TIMEOUT_ENV}, else "
+        f"{DEFAULT_LOCK_TIMEOUT:g})",
     )
     parser.add_argument(
         "--state-dir",
@@ -172,11 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pytest-runs`` with ``argv`` (default: the command line); return the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        lease = parse_seconds(os.environ.get(LEASE_ENV) or str(DEFAULT_LEASE), LEASE_ENV, allow_zero=False)
+        args.lease = parse_seconds(os.environ.get(LEASE_ENV) or str(DEFAULT_LEASE), LEASE_ENV, allow_zero=False)
+        lock_timeout = args.lock_timeout
+        if lock_timeout is None:
+            given = os.environ.get(LOCK_TIMEOUT_ENV)
+            lock_timeout = parse_seconds(given, LOCK_TIMEOUT_ENV, allow_zero=False) if given else DEFAULT_LOCK_TIMEOUT
     except ValueError as error:
         return _fail(str(error), EXIT_USAGE)
     try:
-        store = Store(resolve_state_dir(args.state_dir), lease=lease)
+        store = Store(resolve_state_dir(args.state_dir), lock_timeout=lock_timeout)
         return int(_COMMANDS[args.command](store, args))
     except _Failure as failure:
         return _fail(str(failure), failure.code)
@@ -318,20 +345,24 @@ def _reserve(store: Store, args: argparse.Namespace) -> int:
     if not test_dir.is_dir():
         raise _Failure(f"--test-dir {test_dir} is not a folder", EXIT_USAGE)
     try:
-        test_dir_hash = hash_test_dir(test_dir, args.hash_ignore, exclude=[store.state_dir])
-    except HashError as error:
+        # The same identity as the plugin's: the folder's own ini file's patterns, and any given here.
+        ignore = [*read_hash_ignore(test_dir), *args.hash_ignore]
+        test_dir_hash = hash_test_dir(test_dir, ignore, exclude=[store.state_dir])
+    except (HashError, ValueError) as error:
         raise _Failure(str(error)) from None
 
     owner = Owner.current()
 
     def mk() -> Run:
-        # No PID: this command exits at once. The heartbeat lets an unclaimed reservation expire.
+        # No PID and no liveness lock: this command exits at once. Its heartbeat and its own
+        # lease ($PYTEST_RUNS_LEASE) let an unclaimed reservation expire.
         return Run(
             test_dir=str(test_dir),
             batch_id=args.batch,
             plan_entry=args.plan_entry,
             owner_host=owner.host,
             owner_ci_url=owner.ci_url,
+            owner_lease=args.lease,
             heartbeat_at=datetime.now(UTC),
         )
 

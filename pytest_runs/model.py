@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -98,10 +99,13 @@ OPTIONAL_KEYS = frozenset(
         "owner_started",
         "heartbeat_at",
         "owner_ci_url",
+        "owner_token",
+        "owner_lease",
+        "fence",
     }
 )
 _TIMESTAMP_KEYS = frozenset({"started_at", "ended_at", "heartbeat_at"})
-_OPTIONAL_INT_KEYS = frozenset({"exit_code", "owner_pid"})
+_OPTIONAL_INT_KEYS = frozenset({"exit_code", "owner_pid", "fence"})
 
 
 @dataclasses.dataclass
@@ -138,6 +142,15 @@ class Run:
     heartbeat_at: datetime | None = None
     #: The CI job's URL when the owner runs in CI.
     owner_ci_url: str = ""
+    #: Names the owner's liveness lock, ``<state dir>/owners/<token>.lock``, which the owner
+    #: holds for as long as it lives; a reader on the same kernel judges the owner by it.
+    owner_token: str = ""
+    #: The owner's own lease in seconds: how long its heartbeat stays valid for readers that
+    #: cannot observe its liveness lock (another host). No reader's setting replaces it.
+    owner_lease: float | None = None
+    #: Grows by one with each run that becomes active on this machine, never reused: a rig
+    #: controller can refuse any holder whose fence is older than the newest it has seen.
+    fence: int | None = None
 
     def __post_init__(self) -> None:
         # Not a dataclass field: the fields are exactly the contract's keys. Keys written by
@@ -202,6 +215,12 @@ def _decode(key: str, value: Any) -> Any:
             return parse_timestamp(value)
         except ValueError as error:
             raise ValueError(f"{key}: {error}") from None
+    if key == "owner_lease":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"owner_lease must be a positive number of seconds or null, not {value!r}")
+        return float(value)
     if key in _OPTIONAL_INT_KEYS:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{key} must be an integer or null, not {value!r}")

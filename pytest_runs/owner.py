@@ -1,9 +1,10 @@
-"""Who owns a run, and whether that owner is still alive.
+"""Who owns a run.
 
-A session records its owner in its run: host name, the kernel's boot ID (so that a
-reboot is noticed), PID and the process's start time (so that a reused PID is not
-mistaken for the owner), the CI job's URL, and a heartbeat it refreshes while it runs.
-From those, :func:`stale_reason` judges a non-terminal run whose owner is gone.
+A session records its owner in its run: host name, the kernel's boot ID (which tells a
+reader whether the owner shares its kernel), PID and the process's start time (for
+people), the CI job's URL, the token of its liveness lock and its own lease, and a
+heartbeat it refreshes while it runs. Whether the owner is alive is
+:mod:`pytest_runs.liveness`'s question.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ import dataclasses
 import os
 import socket
 from collections.abc import Mapping
-from datetime import datetime, timedelta
 from typing import Any
 
+from .liveness import DEFAULT_LEASE
 from .model import Run, format_timestamp
 
-__all__ = ["DEFAULT_HEARTBEAT", "DEFAULT_LEASE", "Owner", "ci_job_url", "process_start_time", "stale_reason"]
+__all__ = ["DEFAULT_HEARTBEAT", "DEFAULT_LEASE", "Owner", "ci_job_url", "process_start_time"]
 
 #: Seconds between heartbeats of a running session.
 DEFAULT_HEARTBEAT = 15.0
-#: Seconds without a heartbeat after which a run is stale, wherever its owner is.
-DEFAULT_LEASE = 300.0
 
 _BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
@@ -36,6 +35,10 @@ class Owner:
     pid: int
     started: str
     ci_url: str = ""
+    #: The token of the owner's liveness lock, once it holds one.
+    token: str = ""
+    #: The owner's lease: how long its heartbeat stays valid for readers on other hosts.
+    lease: float = DEFAULT_LEASE
 
     @classmethod
     def current(cls, environ: Mapping[str, str] = os.environ) -> Owner:
@@ -57,10 +60,14 @@ class Owner:
             "owner_pid": self.pid,
             "owner_started": self.started,
             "owner_ci_url": self.ci_url,
+            "owner_token": self.token,
+            "owner_lease": self.lease,
         }
 
     def owns(self, run: Run) -> bool:
-        """True when ``run`` records this process as its owner."""
+        """True when ``run`` records this owner (its token, where it has one)."""
+        if run.owner_token or self.token:
+            return run.owner_token == self.token
         return (run.owner_host, run.owner_boot_id, run.owner_pid, run.owner_started) == (
             self.host,
             self.boot_id,
@@ -119,29 +126,6 @@ def ci_job_url(environ: Mapping[str, str] = os.environ) -> str:
         job = environ.get("BUILDKITE_JOB_ID")
         return environ["BUILDKITE_BUILD_URL"] + (f"#{job}" if job else "")
     return ""
-
-
-def stale_reason(run: Run, now: datetime, lease: float, here: Owner) -> str | None:
-    """Why the non-terminal ``run`` has lost its owner, or ``None`` if it may still be alive.
-
-    Stale: its owner is on this host and boot and that process is gone (or the PID now
-    belongs to another process); its owner is on this host from an earlier boot; or its
-    heartbeat is older than ``lease`` seconds. A run with neither owner nor heartbeat is
-    never stale.
-    """
-    if run.status.is_terminal:
-        return None
-    if run.owner_host == here.host and run.owner_pid is not None:
-        if run.owner_boot_id and here.boot_id and run.owner_boot_id != here.boot_id:
-            return "its host has rebooted since"
-        started = process_start_time(run.owner_pid)
-        if started is None:
-            return f"process {run.owner_pid} is gone"
-        if run.owner_started and started and started != run.owner_started:
-            return f"PID {run.owner_pid} now belongs to another process"
-    if run.heartbeat_at is not None and now - run.heartbeat_at > timedelta(seconds=lease):
-        return f"no heartbeat for more than {lease:g}s"
-    return None
 
 
 def describe_owner(run: Run) -> str:

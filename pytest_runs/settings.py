@@ -9,7 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
     "LEASE_ENV",
+    "LOCK_TIMEOUT_ENV",
+    "MAX_SECONDS",
     "STATE_DIR_ENV",
     "check_machine_name",
     "default_state_dir",
@@ -19,6 +22,11 @@ __all__ = [
 
 STATE_DIR_ENV = "PYTEST_RUNS_STATE_DIR"
 LEASE_ENV = "PYTEST_RUNS_LEASE"
+LOCK_TIMEOUT_ENV = "PYTEST_RUNS_LOCK_TIMEOUT"
+#: Seconds a store call waits for the store's lock before giving up.
+DEFAULT_LOCK_TIMEOUT = 10.0
+#: The longest time any setting may give: ten years. Longer ones overflow the system's timers.
+MAX_SECONDS = 10 * 365 * 86400.0
 _MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
@@ -55,4 +63,6 @@ def parse_seconds(text: str, what: str, *, allow_zero: bool = True) -> float:
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         limit = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{what} must be a {limit} number of seconds, not {text!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{what} must be at most {MAX_SECONDS:.0f} seconds (ten years), not {text!r}")
     return seconds

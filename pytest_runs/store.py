@@ -4,7 +4,9 @@ Every public method takes an in-process lock (threads), then a cross-process
 ``filelock`` lock on a separate lock file (processes), reads the state file,
 acts, writes it back if it changed, and releases both before returning. Nothing
 is cached between calls, so any number of processes and ``Store`` objects on one
-directory see each other's writes.
+directory see each other's writes. Taking the locks never blocks forever: past
+``lock_timeout`` seconds a call raises :class:`StoreLocked`, naming the lock file
+and, where the kernel tells, the PID that holds it.
 
 Writes are atomic and durable: the new state goes to a temporary file in the
 same directory, which is flushed and fsynced, renamed over the state file with
@@ -20,6 +22,7 @@ import copy
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,10 +35,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from . import liveness
 from .model import PrepareOutcome, Run, Status, run_created_at
-from .owner import DEFAULT_LEASE, Owner, describe_owner, stale_reason
+from .owner import Owner, boot_id, describe_owner
+from .settings import DEFAULT_LOCK_TIMEOUT
 
 # An alias, because inside Store the name ``list`` is the method.
 RunList = list[Run]
@@ -48,15 +53,18 @@ __all__ = [
     "RunNotFound",
     "StateError",
     "Store",
+    "StoreLocked",
 ]
 
 STATE_FILE_NAME = "runs.json"
 LOCK_FILE_NAME = "runs.lock"
 RUNS_DIR_NAME = "runs"
 FORMAT_NAME = "pytest-runs-state"
-#: The state file format this version writes, and the newest it can read.
-FORMAT_VERSION = 1
+#: The state file format this version writes, and the newest it can read. Version 2 adds
+#: the per-machine fence counters, which a version-1 writer would drop.
+FORMAT_VERSION = 2
 
+_log = logging.getLogger("pytest_runs")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -70,6 +78,15 @@ class RunNotFound(LookupError):
 
 class StateError(Exception):
     """The state on disk cannot be used; the message names the file and the problem."""
+
+
+class StoreLocked(StateError):
+    """The store's lock stayed taken for longer than the store's ``lock_timeout``."""
+
+    def __init__(self, message: str, holders: builtins.list[int]) -> None:
+        super().__init__(message)
+        #: PIDs that hold the lock file, as far as the kernel tells (may be empty).
+        self.holders = holders
 
 
 class InvalidTransition(ValueError):
@@ -116,15 +133,18 @@ class Store:
     """Runs persisted to ``<state_dir>/runs.json``, safe across threads and processes.
 
     ``state_dir`` is created with mode 0700 when missing. Returned runs are copies:
-    changing one changes nothing until :meth:`update`. ``lease`` is how many seconds a
-    run's heartbeat stays valid (see :meth:`prepare_atomic`).
+    changing one changes nothing until :meth:`update`. Every call waits at most
+    ``lock_timeout`` seconds for the store's locks, then raises :class:`StoreLocked`.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, lease: float = DEFAULT_LEASE) -> None:
-        if not lease > 0:
-            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
-        self.lease = lease
-        self._here = Owner.current()
+    def __init__(self, state_dir: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        if not 0 < lock_timeout < 1e9:
+            raise ValueError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
+        self.lock_timeout = lock_timeout
+        self._boot_id = boot_id()
+        # What the state file held besides its runs, as read in the current critical section.
+        self._fences: dict[str, int] = {}
+        self._read_version = FORMAT_VERSION
         self.state_dir = Path(state_dir).absolute()
         self.state_path = self.state_dir / STATE_FILE_NAME
         self.lock_path = self.state_dir / LOCK_FILE_NAME
@@ -141,7 +161,10 @@ class Store:
     # -- the contract of the Go store -------------------------------------------------
 
     def create(self, run: Run) -> Run:
-        """Give ``run`` a fresh ID (overwriting any it had), append and persist it; return it."""
+        """Give ``run`` a fresh ID (overwriting any it had), append and persist it; return it.
+
+        A pending or running run also gets the machine's next ``fence``.
+        """
         with self._locked() as runs:
             self._append(runs, run)
             self._write(runs)
@@ -185,12 +208,12 @@ class Store:
 
         If ``machine`` has a non-terminal run with ``test_dir_hash``, return it with
         ``REUSE``; if it has one with another hash, return that with ``BUSY``; otherwise
-        call ``mk()`` (only then) for the pending run to create, give it an ID, persist it
-        and return it with ``CREATED``. Two callers can never both create a run for one
-        machine. ``mk`` must not call this store.
+        call ``mk()`` (only then) for the pending run to create, give it an ID and the
+        machine's next ``fence``, persist it and return it with ``CREATED``. Two callers
+        can never both create a run for one machine. ``mk`` must not call this store.
 
         First, in the same critical section, the machine's stale runs (whose owner is
-        gone, see :func:`~pytest_runs.owner.stale_reason`) end as ``interrupted`` with
+        gone, see :func:`~pytest_runs.liveness.stale_reason`) end as ``interrupted`` with
         ``error_code`` ``owner_lost``, so a killed session never blocks its machine.
         """
         _require_name(machine, "machine")
@@ -244,16 +267,19 @@ class Store:
         error_code: str = "",
         error_msg: str = "",
         ended_at: datetime | None = None,
+        owner: Owner | None = None,
     ) -> Run:
         """End a non-terminal run with a terminal ``status``; :class:`RunEnded` if it already ended.
 
-        A run ended elsewhere (released, reclaimed) is never overwritten.
+        A run ended elsewhere (released, reclaimed) is never overwritten. With ``owner``, a
+        run that another owner holds is refused with :class:`InvalidTransition`.
         """
         if not Status(status).is_terminal:
             raise ValueError(f"finish needs a terminal status, not {Status(status).value}")
         return self._end(
             run_id,
             "finish",
+            owner=owner,
             status=Status(status),
             exit_code=exit_code,
             error_code=error_code,
@@ -273,12 +299,14 @@ class Store:
             ended_at=_utcnow(),
         )
 
-    def _end(self, run_id: str, action: str, **outcome: Any) -> Run:
+    def _end(self, run_id: str, action: str, owner: Owner | None = None, **outcome: Any) -> Run:
         """Apply a terminal ``outcome`` to a run that has not ended; :class:`RunEnded` if it has."""
 
         def end(run: Run) -> None:
             if run.status.is_terminal:
                 raise RunEnded(run, action)
+            if owner is not None and not owner.owns(run):
+                raise InvalidTransition(f"run {run.id} is owned by another process ({describe_owner(run)})")
             _apply(run, **outcome)
 
         return self._modify(run_id, end)
@@ -301,8 +329,8 @@ class Store:
         return self._modify(run_id, beat)
 
     def stale_reason(self, run: Run) -> str | None:
-        """Why ``run`` has lost its owner, judged with this store's lease; ``None`` if it has not."""
-        return stale_reason(run, _utcnow(), self.lease, self._here)
+        """Why ``run`` has lost its owner (by its liveness lock, else its own lease); ``None`` if it has not."""
+        return liveness.stale_reason(run, _utcnow(), self._boot_id, self.state_dir)
 
     def machines(self) -> builtins.list[MachineState]:
         """One entry per machine seen in the store, sorted by name."""
@@ -387,20 +415,41 @@ class Store:
     def _locked(self) -> Iterator[RunList]:
         if getattr(self._inside, "active", False):
             raise RuntimeError(f"{self!r} was called again from inside one of its own operations (from mk?)")
-        with self._mutex:
+        if not self._mutex.acquire(timeout=self.lock_timeout):
+            raise StoreLocked(
+                f"store {self.state_dir} is busy in another thread of this process for more than "
+                f"{self.lock_timeout:g}s",
+                [os.getpid()],
+            )
+        try:
             self._inside.active = True
+            self._refuse_symlink(self.lock_path, "lock file")
             try:
-                self._refuse_symlink(self.lock_path, "lock file")
-                try:
-                    self._file_lock.acquire()
-                except OSError as error:
-                    raise StateError(f"cannot lock {self.lock_path}: {_oserror_text(error)}") from None
-                try:
-                    yield self._read()
-                finally:
-                    self._file_lock.release()
+                self._file_lock.acquire(timeout=self.lock_timeout)
+            except Timeout:
+                raise self._locked_out() from None
+            except OSError as error:
+                raise StateError(f"cannot lock {self.lock_path}: {_oserror_text(error)}") from None
+            try:
+                yield self._read()
             finally:
-                self._inside.active = False
+                self._file_lock.release()
+        finally:
+            self._inside.active = False
+            self._mutex.release()
+
+    def _locked_out(self) -> StoreLocked:
+        holders = lock_holders(self.lock_path)
+        if holders == [os.getpid()]:
+            # Another Store on this dir, used inside a critical section of this one?
+            who = f" by this process (PID {os.getpid()}), through another Store object,"
+        else:
+            who = f" by PID {', '.join(map(str, holders))}" if holders else ""
+        return StoreLocked(
+            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:g}s; "
+            "if that process is stuck, stop it",
+            holders,
+        )
 
     @staticmethod
     def _refuse_symlink(path: Path, what: str) -> None:
@@ -421,10 +470,13 @@ class Store:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise StateError(f"state file {path} is not a regular file")
             raw = handle.read()
-        return _decode_state(raw, path)
+        runs, self._fences, self._read_version = _decode_state(raw, path)
+        return runs
 
     def _write(self, runs: RunList) -> None:
-        data = _encode_state(runs)
+        data = _encode_state(runs, self._fences)
+        if self._read_version < FORMAT_VERSION:
+            self._keep_backup_of_old_format()
         self._refuse_symlink(self.state_path, "state file")
         self._remove_orphaned_temporaries()
         tmp_path: str | None = None
@@ -454,6 +506,20 @@ class Store:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_path)
 
+    def _keep_backup_of_old_format(self) -> None:
+        # A hard link keeps the old file's bytes once the new state is renamed over it.
+        backup = self.state_dir / f"{STATE_FILE_NAME}.v{self._read_version}.bak"
+        with contextlib.suppress(FileNotFoundError, FileExistsError):
+            os.link(self.state_path, backup)
+            _log.warning(
+                "pytest-runs: upgraded state file %s from format %d to %d; the old file is kept as %s",
+                self.state_path,
+                self._read_version,
+                FORMAT_VERSION,
+                backup,
+            )
+        self._read_version = FORMAT_VERSION
+
     def _remove_orphaned_temporaries(self) -> None:
         # Temporaries are only written under the file lock, which we hold: any still here
         # belong to a writer that was killed mid-write.
@@ -465,7 +531,10 @@ class Store:
         now = _utcnow()
         reclaimed = False
         for run in runs:
-            if run.machine != machine or (reason := stale_reason(run, now, self.lease, self._here)) is None:
+            if run.machine != machine:
+                continue
+            reason = liveness.stale_reason(run, now, self._boot_id, self.state_dir)
+            if reason is None:
                 continue
             _apply(
                 run,
@@ -474,12 +543,23 @@ class Store:
                 error_msg=f"owner lost ({describe_owner(run)}): {reason}",
                 ended_at=now,
             )
+            if liveness.observable(run, self._boot_id):
+                liveness.remove_lock_file(self.state_dir, run.owner_token)
             reclaimed = True
         return reclaimed
 
     def _append(self, runs: RunList, run: Run) -> None:
         run.id = _new_id(runs)
+        if not run.status.is_terminal:
+            run.fence = self._next_fence(runs, run.machine)
         runs.append(_copy(run))
+
+    def _next_fence(self, runs: RunList, machine: str) -> int:
+        # The counter survives prune; the runs' own fences cover a store whose counter was lost.
+        latest = max((r.fence or 0 for r in runs if r.machine == machine), default=0)
+        fence = max(self._fences.get(machine, 0), latest) + 1
+        self._fences[machine] = fence
+        return fence
 
     @staticmethod
     def _index(runs: RunList, run_id: str) -> int:
@@ -503,15 +583,15 @@ class Store:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _encode_state(runs: RunList) -> bytes:
+def _encode_state(runs: RunList, fences: dict[str, int]) -> bytes:
     # One run per line: readable and diffable, and each line goes through json's C encoder
     # (an indent would force its pure-Python one, about ten times slower on a large store).
-    header = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION})[:-1]
+    header = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "fences": fences})[:-1]
     lines = ",\n".join(json.dumps(r.to_dict(), ensure_ascii=False) for r in runs)
     return f'{header}, "runs": [\n{lines}\n]}}\n'.encode()
 
 
-def _decode_state(raw: bytes, path: Path) -> RunList:
+def _decode_state(raw: bytes, path: Path) -> tuple[RunList, dict[str, int], int]:
     if not raw.strip():
         raise StateError(f"state file {path} is empty; refusing to treat it as an empty store")
     try:
@@ -531,13 +611,18 @@ def _decode_state(raw: bytes, path: Path) -> RunList:
     records = document.get("runs")
     if not isinstance(records, list):
         raise StateError(f'state file {path} has no "runs" list')
+    fences = document.get("fences", {})
+    if not isinstance(fences, dict) or not all(
+        isinstance(value, int) and not isinstance(value, bool) for value in fences.values()
+    ):
+        raise StateError(f'state file {path} has a bad "fences" map (machine names to integers)')
     runs = []
     for position, record in enumerate(records):
         try:
             runs.append(Run.from_dict(record))
         except (TypeError, ValueError) as error:
             raise StateError(f"state file {path}: run #{position}: {error}") from None
-    return runs
+    return runs, fences, version
 
 
 def _copy(run: Run) -> Run:
@@ -582,3 +667,23 @@ def _new_id(runs: RunList) -> str:
     if latest is not None and moment <= latest:
         moment = latest + timedelta(microseconds=1)
     return moment.strftime("%Y%m%d-%H%M%S-%f") + "-" + secrets.token_hex(3)
+
+
+def lock_holders(path: Path) -> builtins.list[int]:
+    """PIDs that hold a lock on ``path``, from ``/proc/locks`` (Linux); empty where the kernel does not tell."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            table = handle.read()
+    except OSError:
+        return []
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = []
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:123 0 EOF"; waiters have a "->" before the kind.
+        if len(fields) >= 6 and fields[1] != "->" and fields[5] == where and fields[4].lstrip("-").isdigit():
+            pid = int(fields[4])
+            if pid > 0 and pid not in holders:
+                holders.append(pid)
+    return holders

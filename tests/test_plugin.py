@@ -270,9 +270,12 @@ def test_test_dir_option(pytester: pytest.Pytester, state_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--runs-machine=-bad"], "invalid machine name '-bad'"),
-        (["--runs-machine=has space"], "invalid machine name 'has space'"),
-        (["--runs-machine=" + "m" * 129], "invalid machine name"),
+        (["--runs-machine=-bad"], "--runs-machine: invalid machine name '-bad'*"),
+        (["--runs-machine=has space"], "--runs-machine: invalid machine name 'has space'*"),
+        (["--runs-machine=" + "m" * 129], "--runs-machine: invalid machine name*"),
+        (["--runs-machine=rig-1", "--runs-timeout=1e300"], "--runs-timeout must be at most * (ten years), not '1e300'"),
+        (["--runs-machine=rig-1", "--runs-grace=0"], "--runs-grace must be a positive number*"),
+        (["--runs-machine=rig-1", "--runs-lock-timeout=x"], "--runs-lock-timeout must be a number of seconds*"),
         (["--runs-machine=rig-1", "--runs-test-dir=missing"], "--runs-test-dir * is not a folder"),
         (
             ["--runs-machine=rig-1", "--runs-timeout=-5"],
@@ -302,10 +305,15 @@ def test_bad_env_value_is_a_usage_error(
     pytester: pytest.Pytester, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYTEST_RUNS_ON_BUSY", "maybe")
+    monkeypatch.setenv("PYTEST_RUNS_WAIT_TIMEOUT", "abc")
     pytester.makepyfile(PASSING)
     result = pytester.runpytest_subprocess("--runs-machine=rig-1")
     assert result.ret == 4
-    result.stderr.fnmatch_lines(["ERROR: pytest-runs: --runs-on-busy must be one of fail, skip, wait, not 'maybe'"])
+    result.stderr.fnmatch_lines(["*: PYTEST_RUNS_ON_BUSY must be one of fail, skip, wait, not 'maybe'"])
+    # The value in error is named by where it came from: the environment, not the option.
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=wait")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["ERROR: pytest-runs: PYTEST_RUNS_WAIT_TIMEOUT must be a number of seconds, not 'abc'"])
 
 
 def test_state_dir_that_cannot_be_created(pytester: pytest.Pytester, tmp_path: Path) -> None:
@@ -318,7 +326,7 @@ def test_state_dir_that_cannot_be_created(pytester: pytest.Pytester, tmp_path: P
     assert "Traceback" not in result.stderr.str()
 
 
-@pytest.mark.parametrize("content", [b"{truncated", b'{"format": "pytest-runs-state", "version": 2, "runs": []}'])
+@pytest.mark.parametrize("content", [b"{truncated", b'{"format": "pytest-runs-state", "version": 3, "runs": []}'])
 def test_corrupt_or_newer_state_file(pytester: pytest.Pytester, state_dir: Path, content: bytes) -> None:
     state_dir.mkdir()
     (state_dir / "runs.json").write_bytes(content)
@@ -497,7 +505,7 @@ def start_slow_session(pytester: pytest.Pytester, tmp_path: Path, *args: str) ->
     return process, marker
 
 
-@pytest.mark.parametrize(("signum", "reason"), [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "SIGTERM")])
+@pytest.mark.parametrize(("signum", "reason"), [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
 def test_signal_mid_session_ends_the_run_interrupted(
     pytester: pytest.Pytester, state_dir: Path, tmp_path: Path, signum: int, reason: str
 ) -> None:

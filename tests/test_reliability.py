@@ -6,7 +6,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -20,16 +19,32 @@ import pytest
 import racers
 
 from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, StateError, Status, Store
+from pytest_runs.options import EXIT_MACHINE_LOST
 from pytest_runs.owner import Owner, process_start_time
 
 HERE = Owner.current(environ={})
 
 
-def dead_owner_fields() -> dict[str, object]:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+def dead_owner_fields(state_dir: Path) -> dict[str, object]:
+    """The owner fields of a process that took its liveness lock in ``state_dir`` and died."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pytest_runs.liveness import "
+         "LivenessLock; lock = LivenessLock(Path(sys.argv[1])); lock.acquire(); print(lock.token, flush=True); "
+         "time.sleep(60)", str(state_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout is not None
+    token = child.stdout.readline().strip()
     started = process_start_time(child.pid) or ""
+    child.kill()
     child.wait()
-    return {"owner_host": HERE.host, "owner_boot_id": HERE.boot_id, "owner_pid": child.pid, "owner_started": started}
+    return {
+        "owner_host": HERE.host,
+        "owner_boot_id": HERE.boot_id,
+        "owner_pid": child.pid,
+        "owner_started": started,
+        "owner_token": token,
+    }
 
 
 # -- reclaiming stale runs in the store -------------------------------------------------
@@ -38,24 +53,26 @@ def dead_owner_fields() -> dict[str, object]:
 def test_prepare_reclaims_a_run_whose_owner_died(tmp_path: Path) -> None:
     store = Store(tmp_path / "state")
     orphan = store.create(Run(machine="rig-1", test_dir_hash="h1", heartbeat_at=datetime.now(UTC)))
-    store.start(orphan.id, **dead_owner_fields())
+    store.start(orphan.id, **dead_owner_fields(store.state_dir))
     other_machine = store.create(Run(machine="rig-2", test_dir_hash="h1"))
-    store.start(other_machine.id, **dead_owner_fields())
+    store.start(other_machine.id, **dead_owner_fields(store.state_dir))
     fresh, outcome = store.prepare_atomic("rig-1", "h2", Run)
     assert outcome is PrepareOutcome.CREATED
     ended = store.get(orphan.id)
     assert (ended.status, ended.error_code) == (Status.INTERRUPTED, "owner_lost")
     assert f"host {HERE.host} PID {ended.owner_pid}, last heartbeat " in ended.error_msg
-    assert ended.error_msg.endswith(f"process {ended.owner_pid} is gone")
+    assert ended.error_msg.endswith("its liveness lock is free: the owning process has ended")
     assert ended.ended_at is not None
     assert store.get(other_machine.id).status is Status.RUNNING, "only the prepared machine is looked at"
     assert store.active_by_machine("rig-1") == fresh
 
 
 def test_an_unclaimed_reservation_expires(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state", lease=60)
+    store = Store(tmp_path / "state")
     old = datetime.now(UTC) - timedelta(seconds=61)
-    reservation = store.create(Run(machine="rig-1", test_dir_hash="h1", owner_host="elsewhere", heartbeat_at=old))
+    reservation = store.create(
+        Run(machine="rig-1", test_dir_hash="h1", owner_host="elsewhere", owner_lease=60, heartbeat_at=old)
+    )
     _, outcome = store.prepare_atomic("rig-1", "h2", Run)
     assert outcome is PrepareOutcome.CREATED
     assert store.get(reservation.id).error_code == "owner_lost"
@@ -191,38 +208,33 @@ def test_sigkill_frees_a_waiting_session(pytester: pytest.Pytester, tmp_path: Pa
     assert old.error_code == "owner_lost" and new.status is Status.COMPLETED
 
 
-def test_a_session_released_while_running_warns_and_keeps_the_record(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    pytester.makepyfile(HOLD)
+def test_a_session_released_while_running_stops_and_fails(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(
+        HOLD
+        + "\n    pathlib.Path(os.environ['STARTED_MARKER'] + '.held-to-the-end').write_text('')\n"
+        + "\ndef test_after():\n    pathlib.Path(os.environ['STARTED_MARKER'] + '.after').write_text('')\n"
+    )
     state_dir = tmp_path / "state"
     ci = {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "o/r", "GITHUB_RUN_ID": "77", "GITHUB_RUN_ATTEMPT": ""}
-    process, started, release = session(pytester, state_dir, tmp_path, "s", "--runs-heartbeat=0.2", env=ci)
+    process, started, _ = session(pytester, state_dir, tmp_path, "s", "--runs-heartbeat=0.2", "--runs-grace=30", env=ci)
     wait_for(started, process)
     store = Store(state_dir)
     (run,) = store.list()
     assert (run.owner_host, run.owner_pid, run.owner_boot_id) == (HERE.host, process.pid, HERE.boot_id)
     assert run.owner_started == process_start_time(process.pid)
     assert run.owner_ci_url == "https://github.com/o/r/actions/runs/77"
-    assert run.heartbeat_at is not None
+    assert run.heartbeat_at is not None and run.owner_token and run.fence == 1
     released = store.release(run.id, "operator took the rig")
-    assert process.stderr is not None
-    lines: queue.Queue[str] = queue.Queue()
-    stderr = process.stderr
-
-    def pump() -> None:
-        for line in stderr:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    warning = lines.get(timeout=60)
-    while "WARNING" not in warning:
-        warning = lines.get(timeout=60)
-    # The warning came while the test was still running: it is only now allowed to end.
-    assert f"run {run.id} was ended by someone else" in warning and "released" in warning
-    release.write_text("go")
-    out, _ = process.communicate(timeout=60)
-    assert f"pytest-runs: run {run.id} was ended by someone else while this session ran" in out
-    final = store.get(run.id)
-    assert final == released, "the session must not overwrite a release"
+    # The release file is never written: the session must stop by itself, mid-test.
+    out, err = process.communicate(timeout=100)
+    assert process.returncode == EXIT_MACHINE_LOST, (out, err)
+    assert f"pytest-runs: ERROR: this session lost machine rig-1: run {run.id} was ended by someone else" in err
+    assert "operator took the rig" in err
+    assert f"this session lost machine rig-1 while it ran and stopped (exit status {EXIT_MACHINE_LOST})" in out
+    assert not (tmp_path / "s.started.held-to-the-end").exists(), "the test holding the machine was interrupted"
+    assert not (tmp_path / "s.started.after").exists(), "no further test starts on a lost machine"
+    assert "Traceback" not in err
+    assert store.get(run.id) == released, "the session must not overwrite a release"
 
 
 def test_heartbeat_racing_finish_in_many_short_sessions(pytester: pytest.Pytester, tmp_path: Path) -> None:
@@ -334,10 +346,10 @@ def test_cli_shows_a_stale_holder_as_stale(tmp_path: Path, capsys: pytest.Captur
 
     store = Store(tmp_path / "state")
     run = store.create(Run(machine="rig-1", test_dir_hash="h"))
-    store.start(run.id, **dead_owner_fields(), heartbeat_at=datetime.now(UTC))
+    store.start(run.id, **dead_owner_fields(store.state_dir), heartbeat_at=datetime.now(UTC))
     assert main(["--state-dir", str(tmp_path / "state"), "machines"]) == 0
     out = capsys.readouterr().out
-    assert "busy (stale)" in out and "stale: process" in out
+    assert "busy (stale)" in out and "stale: its liveness lock is free" in out
     assert main(["--state-dir", str(tmp_path / "state"), "list"]) == 0
     assert "running (stale)" in capsys.readouterr().out
     assert store.get(run.id).status is Status.RUNNING, "looking never changes anything"

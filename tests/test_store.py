@@ -6,15 +6,28 @@ import errno
 import json
 import os
 import re
+import signal
 import stat
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, RunNotFound, StateError, Status, Store
+from pytest_runs import (
+    InvalidTransition,
+    PrepareOutcome,
+    Run,
+    RunEnded,
+    RunNotFound,
+    StateError,
+    Status,
+    Store,
+    StoreLocked,
+)
 from pytest_runs.store import FORMAT_VERSION
 
 
@@ -117,7 +130,7 @@ def test_returned_runs_are_copies(store: Store) -> None:
 
 
 def test_two_store_objects_see_each_other(tmp_path: Path) -> None:
-    first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
+    first, second = Store(tmp_path / "s"), Store(tmp_path / "s", lock_timeout=0.5)
     run = first.create(pending())
     assert second.get(run.id) == run
     run.status = Status.RUNNING
@@ -229,7 +242,7 @@ def test_mk_calling_the_store_raises_instead_of_deadlocking(store: Store) -> Non
 
 
 def test_second_store_in_the_same_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
-    first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
+    first, second = Store(tmp_path / "s"), Store(tmp_path / "s", lock_timeout=0.5)
     finished = threading.Event()
     errors: list[BaseException] = []
 
@@ -242,8 +255,8 @@ def test_second_store_in_the_same_thread_raises_instead_of_deadlocking(tmp_path:
 
     threading.Thread(target=nested, daemon=True).start()
     assert finished.wait(30), "a second lock instance in the same thread deadlocked"
-    assert isinstance(errors[0], RuntimeError)
-    assert "Deadlock" in str(errors[0])
+    assert isinstance(errors[0], StoreLocked)
+    assert f"held by this process (PID {os.getpid()})" in str(errors[0])
 
 
 # -- lifecycle rules --------------------------------------------------------------------
@@ -417,3 +430,98 @@ def test_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateError, match=r"lock file .* is a symbolic link"):
         Store(state_dir).list()
     assert target.read_text() == "precious"
+
+
+# -- fences -----------------------------------------------------------------------------
+
+
+def test_each_run_that_becomes_active_gets_the_machines_next_fence(store: Store) -> None:
+    first, _ = store.prepare_atomic("rig-1", "h1", Run)
+    other, _ = store.prepare_atomic("rig-2", "h1", Run)
+    store.finish(first.id, Status.COMPLETED, exit_code=0)
+    second, _ = store.prepare_atomic("rig-1", "h2", Run)
+    assert (first.fence, other.fence, second.fence) == (1, 1, 2)
+    assert store.get(second.id).to_dict()["fence"] == 2
+    imported = store.create(Run(machine="rig-1", test_dir_hash="h9", status=Status.COMPLETED))
+    assert imported.fence is None, "a run that never becomes active takes no fence"
+
+
+def test_fences_are_never_reused_not_even_after_prune(store: Store) -> None:
+    for n in range(3):
+        run, _ = store.prepare_atomic("rig-1", f"h{n}", Run)
+        store.finish(run.id, Status.COMPLETED, exit_code=0)
+    assert store.prune(keep=0)
+    assert store.list() == []
+    run, _ = store.prepare_atomic("rig-1", "h", Run)
+    assert run.fence == 4
+
+
+def test_a_fence_given_by_the_caller_is_replaced(store: Store) -> None:
+    run = store.create(Run(machine="rig-1", test_dir_hash="h", fence=999))
+    assert run.fence == 1
+
+
+# -- format versions --------------------------------------------------------------------
+
+
+def test_a_format_1_store_is_upgraded_with_a_backup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    old = Run(id="20260101-000000-000000-abcdef", machine="rig-1", test_dir_hash="h", fence=None)
+    v1 = json.dumps({"format": "pytest-runs-state", "version": 1, "runs": [old.to_dict()]}).encode()
+    (state / "runs.json").write_bytes(v1)
+    store = Store(state)
+    assert store.list() == [old], "reading changes nothing"
+    assert not (state / "runs.json.v1.bak").exists()
+    with caplog.at_level("WARNING", logger="pytest_runs"):
+        store.finish(old.id, Status.COMPLETED, exit_code=0)
+    assert (state / "runs.json.v1.bak").read_bytes() == v1
+    assert json.loads((state / "runs.json").read_bytes())["version"] == FORMAT_VERSION == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"pytest-runs: upgraded state file {state / 'runs.json'} from format 1 to 2; "
+        f"the old file is kept as {state / 'runs.json.v1.bak'}"
+    ]
+    assert store.prepare_atomic("rig-1", "h2", Run)[0].fence == 1
+
+
+@pytest.mark.parametrize("fences", ["[1]", '{"rig-1": "2"}', '{"rig-1": true}'])
+def test_a_bad_fence_map_is_refused(tmp_path: Path, fences: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    raw = f'{{"format": "pytest-runs-state", "version": 2, "fences": {fences}, "runs": []}}'.encode()
+    (state / "runs.json").write_bytes(raw)
+    with pytest.raises(StateError, match='bad "fences" map'):
+        Store(state).prepare_atomic("rig-1", "h", Run)
+    assert (state / "runs.json").read_bytes() == raw
+
+
+# -- a frozen holder of the store lock --------------------------------------------------
+
+
+def test_a_frozen_lock_holder_makes_every_call_give_up_naming_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state", lock_timeout=0.5)
+    # flock(1) hands its locked descriptor to sleep: exec keeps the lock in that other process too.
+    holder = subprocess.Popen(["flock", str(store.lock_path), "sleep", "60"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while holder.pid not in _flock_holders(store):
+            assert time.monotonic() < deadline, "flock never took the lock"
+            time.sleep(0.02)
+        for call in (store.list, lambda: store.prepare_atomic("rig-1", "h", Run), store.machines):
+            started = time.monotonic()
+            with pytest.raises(StoreLocked) as raised:
+                call()
+            assert time.monotonic() - started < 20, "bounded by the lock timeout, not forever"
+            assert str(store.lock_path) in str(raised.value)
+            assert f"PID {holder.pid}" in str(raised.value)
+            assert holder.pid in raised.value.holders
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert store.list() == [], "usable again once the holder is gone"
+
+
+def _flock_holders(store: Store) -> list[int]:
+    from pytest_runs.store import lock_holders
+
+    return lock_holders(store.lock_path)

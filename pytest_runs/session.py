@@ -1,0 +1,499 @@
+"""One tracked session's life: prepare or wait, claim, heartbeat, deadline, finish.
+
+:class:`TrackedSession` is registered as a plugin in the controlling process only
+(never in an xdist worker). Its order of events carries the guarantees:
+
+1. It takes its liveness lock, then prepares and claims its run, which records the
+   lock's token, the session's own lease and the machine's new fence.
+2. While it runs, a heartbeat thread refreshes the run and checks that it is still
+   this session's; a session that lost its machine (released, reclaimed, its record
+   gone) stops: no further test starts, and it exits with :data:`EXIT_MACHINE_LOST`.
+3. A deadline, a signal or a lost machine stops the session through :class:`Stopper`,
+   which ends it by force if it does not stop within the grace.
+4. At the end it records how the session ended, and only then drops its liveness lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Generator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from .display import describe_holder, format_duration, held_for
+from .hashing import HashError, hash_test_dir
+from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
+from .liveness import LivenessLock
+from .model import PrepareOutcome, Run, Status
+from .options import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_MACHINE_LOST, Settings
+from .owner import Owner
+from .stopper import StopKind, Stopper, StopRequest
+from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked
+
+__all__ = ["FENCE_ENV", "RUN_ID_ENV", "TrackedSession"]
+_WAIT_POLL_SECONDS = 0.5
+_WAIT_REPORT_EVERY = 30.0
+#: Set for the tests (and processes they start) while the session holds its run.
+RUN_ID_ENV = "PYTEST_RUNS_RUN_ID"
+FENCE_ENV = "PYTEST_RUNS_FENCE"
+
+
+class TrackedSession:
+    """The hooks of a tracked session, registered only in the controlling process."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, test_dir: Path, hash_ignore: tuple[str, ...]) -> None:
+        self.config = config
+        self.settings = settings
+        self.test_dir = test_dir
+        self.hash_ignore = hash_ignore
+        self.store: Store | None = None
+        self.run: Run | None = None
+        self.session: pytest.Session | None = None
+        self.final: Run | None = None
+        self.ended_elsewhere: Run | None = None
+        self.skip_reason: str | None = None
+        self.counts: Counter[str] = Counter()
+        self.owner = dataclasses.replace(Owner.current(), lease=settings.lease)
+        self.liveness: LivenessLock | None = None
+        self.stopper = Stopper(
+            grace=settings.grace, force=self._force_end, say=self._say, interrupted_status=EXIT_INTERRUPTED
+        )
+        self._ending = threading.Lock()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._deadline: threading.Timer | None = None
+        self._say_fd: int | None = None
+        self._log: IO[str] | None = None
+        self._saved_env: dict[str, str | None] = {}
+
+    # -- session start ----------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.session = session
+        # Capturing is suspended during sessionstart: this is the real stderr, where the
+        # heartbeat and the watchdog can speak at once even while a test's output is captured.
+        self._say_fd = os.dup(2)
+        os.set_inheritable(self._say_fd, False)
+        self.stopper.install()
+        settings = self.settings
+        try:
+            self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout)
+            self.liveness = LivenessLock(self.store.state_dir)
+            try:
+                self.liveness.acquire()
+            except OSError as error:
+                raise StateError(f"cannot take a liveness lock in {self.store.state_dir}: {error}") from None
+            self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
+            test_dir_hash = hash_test_dir(self.test_dir, self.hash_ignore, exclude=self._generated_dirs())
+            self._prepare(self.store, test_dir_hash)
+        except (StateError, HashError) as error:
+            raise pytest.UsageError(f"pytest-runs: {error}") from None
+        finally:
+            if self.run is None and self.liveness is not None:
+                self.liveness.release()
+        if self.run is not None:
+            self._begin()
+
+    def _generated_dirs(self) -> list[Path]:
+        """Folders that sessions write into, which must not change the identity of the tests."""
+        generated = [self.settings.state_dir]
+        if basetemp := self.config.option.basetemp:
+            generated.append(self.config.invocation_params.dir / basetemp)
+        return generated
+
+    def _mk(self, test_dir_hash: str) -> Callable[[], Run]:
+        settings = self.settings
+        # Owned from birth: if this process dies before claiming it, the run is stale, not stuck.
+        return lambda: Run(
+            machine=settings.machine,
+            test_dir=str(self.test_dir),
+            test_dir_hash=test_dir_hash,
+            batch_id=settings.batch,
+            plan_entry=settings.plan_entry,
+            heartbeat_at=datetime.now(UTC),
+            **self.owner.run_fields(),
+        )
+
+    def _prepare(self, store: Store, test_dir_hash: str) -> None:
+        settings = self.settings
+        waiting_since = time.monotonic()
+        progress = _WaitProgress(self.config)
+        while True:
+            waited = time.monotonic() - waiting_since
+            if settings.on_busy == "wait":
+                # Never wait for the store's lock past the wait timeout.
+                store.lock_timeout = max(0.1, min(settings.lock_timeout, settings.wait_timeout - waited))
+            try:
+                with self.stopper.deferred():
+                    run, outcome = store.prepare_atomic(settings.machine, test_dir_hash, self._mk(test_dir_hash))
+            except StoreLocked as locked:
+                waited = time.monotonic() - waiting_since
+                if settings.on_busy != "wait" or waited >= settings.wait_timeout:
+                    progress.done()
+                    pytest.exit(f"pytest-runs: {locked}", returncode=EXIT_BUSY)
+                progress.show(line=f"pytest-runs: {locked}; still waiting", in_place=f"pytest-runs: {locked}")
+                continue
+            # A pending run for exactly these tests is a reservation: claim it.
+            reserved = outcome is PrepareOutcome.REUSE and run.status is Status.PENDING
+            if outcome is PrepareOutcome.CREATED or reserved:
+                try:
+                    with self.stopper.deferred():
+                        self.run = self._claim(store, run)
+                except (InvalidTransition, RunEnded):
+                    continue  # another session claimed that reservation first: look again
+                progress.done()
+                return
+            holder = describe_holder(run)
+            same = " (the same tests)" if outcome is PrepareOutcome.REUSE else ""
+            message = f"pytest-runs: machine {settings.machine} is busy with {holder}{same}"
+            if settings.on_busy == "skip":
+                self.skip_reason = message
+                self.config.stash[SKIP_KEY] = message
+                return
+            waited = time.monotonic() - waiting_since
+            if settings.on_busy == "fail" or waited >= settings.wait_timeout:
+                progress.done()
+                if settings.on_busy == "wait":
+                    message += f"; gave up after waiting {format_duration(waited)}"
+                pytest.exit(message, returncode=EXIT_BUSY)
+            waiting = f"waiting {format_duration(waited)} of {format_duration(settings.wait_timeout)}"
+            progress.show(
+                line=f"{message}; {waiting}",
+                # On a terminal the changing part comes first, so that a narrow one cuts the rest.
+                in_place=f"pytest-runs: {waiting}: {settings.machine} {run.status.value} for {held_for(run)}, "
+                f"run {run.id} (hash {run.short_hash})",
+            )
+            time.sleep(max(0.0, min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited)))
+
+    def _claim(self, store: Store, run: Run) -> Run:
+        run_dir = store.run_dir(run.id)
+        changes: dict[str, Any] = {
+            **self.owner.run_fields(),
+            "heartbeat_at": datetime.now(UTC),
+            "test_dir": str(self.test_dir),
+            "artifacts_path": str(run_dir / "artifacts"),
+            "logs_path": str(run_dir / "log.jsonl"),
+        }
+        if self.settings.batch:
+            changes["batch_id"] = self.settings.batch
+        if self.settings.plan_entry:
+            changes["plan_entry"] = self.settings.plan_entry
+        return store.start(run.id, **changes)
+
+    def _begin(self) -> None:
+        assert self.run is not None
+        artifacts = Path(self.run.artifacts_path)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.run.logs_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole session
+        self.config.stash[RUN_KEY] = self.run
+        # For the tests and everything they start (xdist workers start after this hook).
+        self._set_env(RUN_ID_ENV, self.run.id)
+        self._set_env(FENCE_ENV, str(self.run.fence) if self.run.fence is not None else None)
+        self._heartbeat = threading.Thread(target=self._beat, name="pytest-runs-heartbeat", daemon=True)
+        self._heartbeat.start()
+        if self.settings.timeout is not None:
+            self._deadline = threading.Timer(self.settings.timeout, self._on_deadline)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def _set_env(self, name: str, value: str | None) -> None:
+        self._saved_env.setdefault(name, os.environ.get(name))
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+    def _on_deadline(self) -> None:
+        reason = f"session passed its deadline (--runs-timeout={self.settings.timeout:g}s)"
+        self.stopper.stop(StopKind.TIMEOUT, reason, EXIT_INTERRUPTED)
+
+    def _beat(self) -> None:
+        assert self.run is not None and self.store is not None
+        failing = False
+        while not self._heartbeat_stop.wait(self.settings.heartbeat):
+            try:
+                self.store.heartbeat(self.run.id, self.owner)
+                failing = False
+                continue
+            except RunEnded as ended:
+                self.ended_elsewhere = ended.run
+                reason = (
+                    f"run {ended.run.id} was ended by someone else ({ended.run.status.value}, "
+                    f"{ended.run.error_code}: {ended.run.error_msg})"
+                )
+            except InvalidTransition as error:
+                reason = str(error)
+            except RunNotFound:
+                reason = f"run {self.run.id} is gone from the store {self.store.state_dir}"
+            except StateError as error:
+                # The store cannot tell now: that is not proof of a lost machine. Say so once a streak.
+                if not failing:
+                    self._say(f"pytest-runs: WARNING: heartbeat of run {self.run.id} failed: {error}")
+                failing = True
+                continue
+            self._lose_machine(reason)
+            return
+
+    def _lose_machine(self, reason: str) -> None:
+        if self.stopper.stop(StopKind.LOST, f"lost machine {self.settings.machine}: {reason}", EXIT_MACHINE_LOST):
+            self._say(
+                f"pytest-runs: ERROR: this session lost machine {self.settings.machine}: {reason}; "
+                f"stopping, exit status {EXIT_MACHINE_LOST}"
+            )
+
+    def _say(self, line: str) -> None:
+        if self._say_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._say_fd, f"\n{line}\n".encode(errors="backslashreplace"))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist: hand the run (or the skip reason) to each worker."""
+        if self.run is not None:
+            node.workerinput[WORKER_RUN] = self.run.to_dict()
+        if self.skip_reason is not None:
+            node.workerinput[WORKER_SKIP] = self.skip_reason
+
+    # -- while it runs ----------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> bool | None:
+        request = self.stopper.request
+        if request is None:
+            return None
+        # Stopping (a test may have swallowed the interrupt): no further test starts.
+        item.session.shouldstop = request.reason
+        return True
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.run is None:
+            return
+        if report.when == "call" or not report.passed:
+            self.counts[_outcome_word(report)] += 1
+        self._write_log(report, report.when)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if self.run is not None and report.failed:
+            self.counts["error"] += 1
+            self._write_log(report, "collect")
+
+    def _write_log(self, report: pytest.TestReport | pytest.CollectReport, when: str | None) -> None:
+        if self._log is None:
+            return
+        entry: dict[str, Any] = {
+            "nodeid": report.nodeid,
+            "when": when,
+            "outcome": report.outcome,
+            "duration": getattr(report, "duration", 0.0),
+        }
+        if report.failed:
+            entry["longrepr"] = str(report.longrepr)
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            entry["longrepr"] = report.longrepr[2]
+        # xdist marks reports from its workers with the worker's node.
+        if (gateway := getattr(getattr(report, "node", None), "gateway", None)) is not None:
+            entry["worker"] = gateway.id
+        self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._log.flush()
+
+    # -- session finish ---------------------------------------------------------------
+
+    # Last, so that xdist has stopped its workers before the machine is given back.
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        status = int(exitstatus)
+        request = self.stopper.request
+        if request is not None and request.kind is StopKind.LOST:
+            status = EXIT_MACHINE_LOST
+        elif request is not None and status == pytest.ExitCode.OK:
+            status = EXIT_INTERRUPTED  # a stop was asked for: never a success
+        if status != int(exitstatus):
+            session.exitstatus = status
+        self._finish(status)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        # pytest skips sessionfinish when a later plugin's sessionstart fails.
+        if self.run is not None and self.final is None:
+            status = getattr(self.session, "exitstatus", None)
+            self._finish(int(status) if status is not None else int(pytest.ExitCode.INTERNAL_ERROR))
+        self._stop_threads()
+        if self.liveness is not None:
+            self.liveness.release()
+        self.stopper.disarm()
+        self.stopper.uninstall()
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if self._say_fd is not None:
+            os.close(self._say_fd)
+            self._say_fd = None
+
+    def _stop_threads(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join()
+
+    def _finish(self, exitstatus: int) -> None:
+        self._stop_threads()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.run is None or self.store is None or self.final is not None:
+            return
+        status, error_code, error_msg = self._outcome(exitstatus)
+        with self.stopper.deferred():
+            self._record_end(status, exitstatus, error_code, error_msg)
+        # Only now, with the end on record, may another session see this one as gone.
+        if self.liveness is not None:
+            self.liveness.release()
+
+    def _record_end(self, status: Status, exit_code: int, error_code: str, error_msg: str) -> None:
+        assert self.run is not None and self.store is not None
+        with self._ending:
+            if self.final is not None:
+                return
+            try:
+                self.final = self.store.finish(
+                    self.run.id,
+                    status,
+                    exit_code=exit_code,
+                    error_code=error_code,
+                    error_msg=error_msg,
+                    owner=self.owner,
+                )
+            except RunEnded as ended:
+                self.final = self.ended_elsewhere = ended.run
+            except (RunNotFound, InvalidTransition) as error:
+                self.final = self.run
+                self._say(f"pytest-runs: the end of run {self.run.id} was not recorded: {error}")
+            except StateError as error:
+                self._say(f"pytest-runs: could not record the end of run {self.run.id}: {error}")
+
+    def _force_end(self, request: StopRequest) -> None:
+        """The watchdog's last act: record the end, quickly, from its own thread."""
+        if self.run is None or self.store is None:
+            return
+        if request.kind is not StopKind.LOST:
+            status = Status.TIMEOUT if request.kind is StopKind.TIMEOUT else Status.INTERRUPTED
+            forced = f"{request.reason}; ended by force after a grace of {self.settings.grace:g}s"
+            self._record_end(status, request.exit_status, status.value, forced)
+        if self.liveness is not None:
+            self.liveness.release()
+        run = self.final or self.run
+        self._say(f"pytest-runs: run {run.id} on {run.machine}: {run.status.value} (exit status {request.exit_status})")
+
+    def _outcome(self, exitstatus: int) -> tuple[Status, str, str]:
+        request = self.stopper.request
+        shouldfail = str(getattr(self.session, "shouldfail", "") or "")
+        if request is not None and request.kind is StopKind.TIMEOUT:
+            return Status.TIMEOUT, "timeout", request.reason
+        if shouldfail.startswith("session-timeout:"):
+            return Status.TIMEOUT, "session_timeout", shouldfail
+        if request is not None and request.kind is StopKind.LOST:
+            return Status.INTERRUPTED, "machine_lost", request.reason
+        if request is not None or exitstatus == pytest.ExitCode.INTERRUPTED:
+            reason = request.reason if request is not None else "interrupted (KeyboardInterrupt)"
+            return Status.INTERRUPTED, "interrupted", reason
+        if exitstatus == pytest.ExitCode.OK:
+            return Status.COMPLETED, "", ""
+        try:
+            code = pytest.ExitCode(exitstatus).name.lower()
+        except ValueError:
+            code = f"exit_{exitstatus}"
+        summary = _summary(self.counts) or code.replace("_", " ")
+        return Status.FAILED, code, summary
+
+    # The outermost wrapper, so that its line comes after pytest's own summary sections.
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_terminal_summary(self, terminalreporter: Any) -> Generator[None]:
+        try:
+            return (yield)
+        finally:
+            self._summarise(terminalreporter)
+
+    def _summarise(self, terminalreporter: Any) -> None:
+        run = self.final or self.run
+        if self.skip_reason is not None:
+            terminalreporter.write_line(f"{self.skip_reason}: every test skipped, no run recorded")
+            return
+        if run is None:
+            return
+        request = self.stopper.request
+        if request is not None and request.kind is StopKind.LOST:
+            terminalreporter.write_line(
+                f"pytest-runs: this session lost machine {run.machine} while it ran and stopped "
+                f"(exit status {EXIT_MACHINE_LOST}): {request.reason}; run {run.id} was left as it is",
+                red=True,
+            )
+        elif self.ended_elsewhere is not None:
+            terminalreporter.write_line(
+                f"pytest-runs: run {run.id} was ended by someone else while this session ran "
+                f"({run.status.value}, {run.error_code}: {run.error_msg}); its record was left as it is",
+                yellow=True,
+            )
+        terminalreporter.write_line(
+            f"pytest-runs: run {run.id} on {run.machine}: {run.status.value}"
+            f" (artifacts {run.artifacts_path}, log {run.logs_path})"
+        )
+
+
+_SUMMARY_ORDER = ("failed", "passed", "skipped", "xfailed", "xpassed", "error")
+
+
+def _outcome_word(report: pytest.TestReport) -> str:
+    if hasattr(report, "wasxfail"):
+        return "xfailed" if report.skipped else "xpassed"
+    if report.failed:
+        return "failed" if report.when == "call" else "error"
+    return "skipped" if report.skipped else "passed"
+
+
+def _summary(counts: Counter[str]) -> str:
+    parts = []
+    for word in _SUMMARY_ORDER:
+        if counts[word]:
+            label = "errors" if word == "error" and counts[word] > 1 else word
+            parts.append(f"{counts[word]} {label}")
+    return ", ".join(parts)
+
+
+class _WaitProgress:
+    """Shows who holds the machine: in place on a terminal, else a line every 30 seconds."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.writer = config.get_terminal_writer()
+        self.in_place = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+        self.last_line_at: float | None = None
+        self.shown = False
+
+    def show(self, line: str, in_place: str) -> None:
+        if self.in_place:
+            width = max(20, self.writer.fullwidth - 1)
+            self.writer.write("\r" + in_place[:width].ljust(width), flush=True)
+            self.shown = True
+            return
+        now = time.monotonic()
+        if self.last_line_at is None or now - self.last_line_at >= _WAIT_REPORT_EVERY:
+            self.writer.line(line, flush=True)
+            self.last_line_at = now
+
+    def done(self) -> None:
+        if self.shown:
+            self.writer.line()
+            self.shown = False

@@ -1,0 +1,223 @@
+"""Stopping a session: politely first, then for certain.
+
+A stop is requested by a signal (SIGINT, SIGTERM), by the session's deadline or by the
+loss of its machine. The first request wins and is never replaced. It interrupts the
+main thread (a ``KeyboardInterrupt``, pytest's own way to stop) and arms a watchdog:
+if the process has not ended ``grace`` seconds later, because a test swallowed the
+interrupt, ignores signals or hangs in teardown, the watchdog records the end through
+``force``, kills every process the session started, and ends the process with the
+request's exit status. Repeated signals while a stop is under way are absorbed with
+one line, so that a second Ctrl-C (or ``timeout``'s second SIGTERM) can never turn an
+interrupted session into a traceback or a success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+__all__ = ["StopKind", "StopRequest", "Stopper", "descendants"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopKind(enum.Enum):
+    """Why a session stops."""
+
+    INTERRUPTED = "interrupted"
+    TIMEOUT = "timeout"
+    LOST = "lost"
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRequest:
+    """The first stop requested: its kind, one line of reason, and the exit status if forced."""
+
+    kind: StopKind
+    reason: str
+    exit_status: int
+
+
+class Stopper:
+    """Signal handlers, the main-thread interrupt, and the watchdog that ends a stuck session.
+
+    ``force(request)`` runs on the watchdog thread when the grace is over: it must record
+    what it can quickly and return; the process then ends with ``request.exit_status``.
+    ``say(line)`` writes one line where the user sees it, from any thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        grace: float,
+        force: Callable[[StopRequest], None],
+        say: Callable[[str], None],
+        interrupted_status: int,
+    ) -> None:
+        self.grace = grace
+        self._force = force
+        self._say = say
+        self._interrupted_status = interrupted_status
+        self._guard = threading.Lock()
+        self._request: StopRequest | None = None
+        self._watchdog: threading.Timer | None = None
+        self._previous: dict[int, Any] = {}
+        self._main_ident = threading.main_thread().ident
+        self._own_interrupt = False
+        self._deferring = 0
+        self._deferred = False
+
+    @property
+    def request(self) -> StopRequest | None:
+        """The first stop requested, or ``None``."""
+        return self._request
+
+    def install(self) -> None:
+        """Take over SIGINT and SIGTERM (main thread only; elsewhere this does nothing)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in _SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Give SIGINT and SIGTERM back to their previous handlers."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def stop(self, kind: StopKind, reason: str, exit_status: int) -> bool:
+        """Request a stop from any thread: interrupt the main thread and arm the watchdog.
+
+        Returns ``False`` (and changes nothing) if a stop was already requested.
+        """
+        if not self._record(StopRequest(kind, reason, exit_status)):
+            return False
+        self._interrupt_main()
+        return True
+
+    def disarm(self) -> None:
+        """The session has ended by itself: the watchdog is not needed any more."""
+        with self._guard:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold interrupts back (they are noted, then raised on leaving) around bookkeeping that must not tear."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if not self._deferring and self._deferred:
+            self._deferred = False
+            raise KeyboardInterrupt(self._request.reason if self._request else "interrupted")
+
+    # -- internals --------------------------------------------------------------------
+
+    def _record(self, request: StopRequest) -> bool:
+        with self._guard:
+            if self._request is not None:
+                return False
+            self._request = request
+            self._watchdog = threading.Timer(self.grace, self._end_for_certain)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        return True
+
+    def _interrupt_main(self) -> None:
+        if not self._previous or self._main_ident is None:
+            # No handler of ours to receive it (not installed from the main thread): the
+            # watchdog alone ends the session.
+            return
+        self._own_interrupt = True
+        with contextlib.suppress(OSError, ValueError):
+            signal.pthread_kill(self._main_ident, signal.SIGINT)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._own_interrupt:
+            self._own_interrupt = False
+            self._raise(frame)
+            return
+        previous = self._previous.get(signum)
+        if previous == signal.SIG_IGN:
+            return  # ignored before us (SIGINT in a background job): it stays ignored
+        name = signal.Signals(signum).name
+        if not self._record(StopRequest(StopKind.INTERRUPTED, f"interrupted by {name}", self._interrupted_status)):
+            self._say(
+                f"pytest-runs: {name} received while stopping ({self._request.reason if self._request else ''}); "
+                f"the session ends within {self.grace:g}s"
+            )
+            return
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # a handler of the user's: let it decide, the watchdog is armed
+            return
+        self._raise(frame)
+
+    def _raise(self, frame: FrameType | None) -> None:
+        if self._deferring:
+            self._deferred = True
+            return
+        raise KeyboardInterrupt(self._request.reason if self._request else "interrupted")
+
+    def _end_for_certain(self) -> None:
+        request = self._request
+        assert request is not None
+        self._say(f"pytest-runs: the session did not stop within {self.grace:g}s of {request.reason}; ending it")
+        try:
+            self._force(request)
+        finally:
+            _flush_quickly()
+            for pid in descendants(os.getpid()):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            os._exit(request.exit_status)
+
+
+def _flush_quickly() -> None:
+    # The main thread may be blocked writing to a full pipe: never wait on it for long.
+    flusher = threading.Thread(target=_flush_streams, daemon=True)
+    flusher.start()
+    flusher.join(1.0)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of process ``pid`` (Linux ``/proc``; empty elsewhere), children first."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[1].isdigit():
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found.extend(children)
+        frontier.extend(children)
+    return found
