@@ -28,7 +28,7 @@ _FROM_STORE = frozenset(
 
 
 def __getattr__(name: str) -> Any:
-    # The store (and filelock) load on first use, so that a pytest session without
+    # The store loads on first use, so that a pytest session without
     # --runs-machine, which imports this package for its plugin, does not pay for them.
     if name in _FROM_STORE:
         from . import store

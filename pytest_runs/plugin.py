@@ -1,7 +1,7 @@
 """The pytest plugin: a session run with ``--runs-machine`` is a tracked run.
 
 Without a machine (option, environment or ini) the plugin registers its options
-and fixtures and nothing else, and imports neither the store nor filelock. With
+and fixtures and nothing else, and does not import the store. With
 one, the controlling process (never an xdist worker) registers a
 :class:`~pytest_runs.session.TrackedSession`, which owns the session's life.
 """

@@ -1,7 +1,7 @@
 """The run store: runs persisted to one JSON state file behind two locks.
 
 Every public method takes an in-process lock (threads), then a cross-process
-``filelock`` lock on a separate lock file (processes), reads the state file,
+``flock`` on a separate lock file (processes; see :mod:`pytest_runs.storelock`), reads the state file,
 acts, writes it back if it changed, and releases both before returning. Nothing
 is cached between calls, so any number of processes and ``Store`` objects on one
 directory see each other's writes. Taking the locks never blocks forever: past
@@ -35,12 +35,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from . import liveness
 from .model import PrepareOutcome, Run, Status, run_created_at
 from .owner import Owner, boot_id, describe_owner
 from .settings import DEFAULT_LOCK_TIMEOUT
+from .storelock import StoreLock
 
 # An alias, because inside Store the name ``list`` is the method.
 RunList = list[Run]
@@ -151,9 +150,8 @@ class Store:
         self._prepare_dir()
         self._mutex = threading.Lock()
         self._inside = threading.local()
-        # One lock object per Store; preserve_lock_file keeps the lock file's inode forever
-        # (and rules out filelock's soft fallback, which would unlink it).
-        self._file_lock = FileLock(self.lock_path, mode=0o600, preserve_lock_file=True)
+        # Never removed or replaced: the lock file keeps its inode for ever.
+        self._file_lock = StoreLock(self.lock_path)
 
     def __repr__(self) -> str:
         return f"Store({str(self.state_dir)!r})"
@@ -426,7 +424,7 @@ class Store:
             self._refuse_symlink(self.lock_path, "lock file")
             try:
                 self._file_lock.acquire(timeout=self.lock_timeout)
-            except Timeout:
+            except TimeoutError:
                 raise self._locked_out() from None
             except OSError as error:
                 raise StateError(f"cannot lock {self.lock_path}: {_oserror_text(error)}") from None
