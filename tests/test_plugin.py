@@ -467,6 +467,33 @@ def test_xdist_one_run_owned_by_the_controller(pytester: pytest.Pytester, state_
     assert {e["worker"] for e in entries} == {"gw0", "gw1"}
 
 
+def test_fence_and_run_id_reach_the_tests_and_their_processes(pytester: pytest.Pytester, state_dir: Path) -> None:
+    pytester.makepyfile(
+        """
+        import os, subprocess, sys
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_sees_its_fence(n, runs_run, runs_artifacts_dir):
+            child = subprocess.run(
+                [sys.executable, "-c", "import os; print(os.environ['PYTEST_RUNS_FENCE'], os.environ['PYTEST_RUNS_RUN_ID'])"],
+                capture_output=True, text=True, check=True,
+            )
+            assert child.stdout.split() == [str(runs_run.fence), runs_run.id]
+            assert os.environ["PYTEST_RUNS_FENCE"] == str(runs_run.fence)
+            (runs_artifacts_dir / f"seen-{n}").write_text(os.environ["PYTEST_RUNS_FENCE"])
+        """
+    )
+    assert pytester.runpytest_subprocess("--runs-machine=rig-1").ret == 0
+    assert pytester.runpytest_subprocess("--runs-machine=rig-1", "-n", "2", "-p", "xdist").ret == 0
+    first, second = runs_in(state_dir)
+    assert (first.fence, second.fence) == (1, 2)
+    for run in (first, second):
+        seen = {p.read_text() for p in Path(run.artifacts_path).iterdir()}
+        assert seen == {str(run.fence)}
+    assert "PYTEST_RUNS_FENCE" not in os.environ
+
+
 def test_xdist_busy_skip_reaches_workers(pytester: pytest.Pytester, state_dir: Path) -> None:
     occupy(state_dir)
     pytester.makepyfile(PASSING)
