@@ -313,6 +313,7 @@ class TrackedSession:
     # Last, so that xdist has stopped its workers before the machine is given back.
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.stopper.ending()
         status = int(exitstatus)
         request = self.stopper.request
         if request is not None and request.kind is StopKind.LOST:
@@ -321,13 +322,16 @@ class TrackedSession:
             status = EXIT_INTERRUPTED  # a stop was asked for: never a success
         if status != int(exitstatus):
             session.exitstatus = status
-        self._finish(status)
+        self._finish(status, request)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.stopper.ending()
         # pytest skips sessionfinish when a later plugin's sessionstart fails.
         if self.run is not None and self.final is None:
             status = getattr(self.session, "exitstatus", None)
-            self._finish(int(status) if status is not None else int(pytest.ExitCode.INTERNAL_ERROR))
+            self._finish(
+                int(status) if status is not None else int(pytest.ExitCode.INTERNAL_ERROR), self.stopper.request
+            )
         self._stop_threads()
         if self.liveness is not None:
             self.liveness.release()
@@ -349,16 +353,16 @@ class TrackedSession:
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
 
-    def _finish(self, exitstatus: int) -> None:
+    def _finish(self, exitstatus: int, request: StopRequest | None) -> None:
+        """Record how the session ended (``request``: the stop asked for before the end, if any)."""
         self._stop_threads()
         if self._log is not None:
             self._log.close()
             self._log = None
         if self.run is None or self.store is None or self.final is not None:
             return
-        status, error_code, error_msg = self._outcome(exitstatus)
-        with self.stopper.deferred():
-            self._record_end(status, exitstatus, error_code, error_msg)
+        status, error_code, error_msg = self._outcome(exitstatus, request)
+        self._record_end(status, exitstatus, error_code, error_msg)
         # Only now, with the end on record, may another session see this one as gone.
         if self.liveness is not None:
             self.liveness.release()
@@ -398,8 +402,7 @@ class TrackedSession:
         run = self.final or self.run
         self._say(f"pytest-runs: run {run.id} on {run.machine}: {run.status.value} (exit status {request.exit_status})")
 
-    def _outcome(self, exitstatus: int) -> tuple[Status, str, str]:
-        request = self.stopper.request
+    def _outcome(self, exitstatus: int, request: StopRequest | None) -> tuple[Status, str, str]:
         shouldfail = str(getattr(self.session, "shouldfail", "") or "")
         if request is not None and request.kind is StopKind.TIMEOUT:
             return Status.TIMEOUT, "timeout", request.reason

@@ -74,6 +74,7 @@ class Stopper:
         self._own_interrupt = False
         self._deferring = 0
         self._deferred = False
+        self._ending = False
 
     @property
     def request(self) -> StopRequest | None:
@@ -110,6 +111,11 @@ class Stopper:
                 self._watchdog.cancel()
                 self._watchdog = None
 
+    def ending(self) -> None:
+        """The session is recording its end: from now on signals are noted (the first one still
+        counts as a stop request) but never raised, since nothing is left to interrupt."""
+        self._ending = True
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """Hold interrupts back (they are noted, then raised on leaving) around bookkeeping that must not tear."""
@@ -144,6 +150,7 @@ class Stopper:
             signal.pthread_kill(self._main_ident, signal.SIGINT)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        __tracebackhide__ = True  # pytest then shows where the test was interrupted, not this handler
         if signum == signal.SIGINT and self._own_interrupt:
             self._own_interrupt = False
             self._raise(frame)
@@ -164,6 +171,9 @@ class Stopper:
         self._raise(frame)
 
     def _raise(self, frame: FrameType | None) -> None:
+        __tracebackhide__ = True
+        if self._ending:
+            return
         if self._deferring:
             self._deferred = True
             return
