@@ -8,6 +8,7 @@ scripts (the run contract exactly as ``Run.to_dict()`` gives it). Exit codes:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pytest-runs`` with ``argv`` (default: the command line); return the exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            # A run may hold text that is not valid Unicode (a path of undecodable bytes).
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         args.lease = parse_seconds(os.environ.get(LEASE_ENV) or str(DEFAULT_LEASE), LEASE_ENV, allow_zero=False)

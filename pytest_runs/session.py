@@ -90,11 +90,7 @@ class TrackedSession:
         settings = self.settings
         try:
             self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout)
-            self.liveness = LivenessLock(self.store.state_dir)
-            try:
-                self.liveness.acquire()
-            except OSError as error:
-                raise StateError(f"cannot take a liveness lock in {self.store.state_dir}: {error}") from None
+            self.liveness = self.store.liveness_lock()
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
             test_dir_hash = hash_test_dir(self.test_dir, self.hash_ignore, exclude=self._generated_dirs())
             self._prepare(self.store, test_dir_hash)
@@ -153,6 +149,9 @@ class TrackedSession:
                         self.run = self._claim(store, run)
                 except (InvalidTransition, RunEnded):
                     continue  # another session claimed that reservation first: look again
+                except StateError as error:
+                    self._give_up(store, run, error)
+                    raise
                 progress.done()
                 return
             holder = describe_holder(run)
@@ -177,8 +176,13 @@ class TrackedSession:
             )
             time.sleep(max(0.0, min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited)))
 
+    def _give_up(self, store: Store, run: Run, error: StateError) -> None:
+        """A run this session created but cannot use: end it at once rather than leave it to be reclaimed."""
+        with contextlib.suppress(StateError, RunEnded, InvalidTransition, RunNotFound):
+            store.finish(run.id, Status.FAILED, error_code="usage_error", error_msg=str(error), owner=self.owner)
+
     def _claim(self, store: Store, run: Run) -> Run:
-        run_dir = store.run_dir(run.id)
+        run_dir = store.make_run_dir(run.id)
         changes: dict[str, Any] = {
             **self.owner.run_fields(),
             "heartbeat_at": datetime.now(UTC),
@@ -193,10 +197,12 @@ class TrackedSession:
         return store.start(run.id, **changes)
 
     def _begin(self) -> None:
-        assert self.run is not None
-        artifacts = Path(self.run.artifacts_path)
-        artifacts.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.run.logs_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole session
+        assert self.run is not None and self.store is not None
+        try:
+            self._log = self.store.open_log(self.run.id)
+        except StateError as error:
+            # The run holds the machine all the same; only its log is lost. Tests run as they would.
+            self._say(f"pytest-runs: WARNING: no run log for run {self.run.id}: {error}")
         self.config.stash[RUN_KEY] = self.run
         # For the tests and everything they start (xdist workers start after this hook).
         self._set_env(RUN_ID_ENV, self.run.id)
@@ -305,8 +311,15 @@ class TrackedSession:
         # xdist marks reports from its workers with the worker's node.
         if (gateway := getattr(getattr(report, "node", None), "gateway", None)) is not None:
             entry["worker"] = gateway.id
-        self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._log.flush()
+        try:
+            # ASCII escapes keep any text (a surrogate from an undecodable file name) valid JSON.
+            self._log.write(json.dumps(entry) + "\n")
+            self._log.flush()
+        except OSError as error:
+            self._say(f"pytest-runs: WARNING: run log of run {self.run.id if self.run else '?'} stopped: {error}")
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
 
     # -- session finish ---------------------------------------------------------------
 

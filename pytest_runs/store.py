@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import liveness
 from .model import PrepareOutcome, Run, Status, run_created_at
@@ -64,6 +64,8 @@ FORMAT_NAME = "pytest-runs-state"
 FORMAT_VERSION = 2
 
 _log = logging.getLogger("pytest_runs")
+# Every stored run has these, non-empty: a record without them is corrupt, not a default run.
+_REQUIRED_KEYS = ("id", "machine", "status")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -131,7 +133,9 @@ def _oserror_text(error: OSError) -> str:
 class Store:
     """Runs persisted to ``<state_dir>/runs.json``, safe across threads and processes.
 
-    ``state_dir`` is created with mode 0700 when missing. Returned runs are copies:
+    ``state_dir`` is created with mode 0700 on the first write; reading a store that does
+    not exist creates nothing. An existing state dir that others may write to is refused.
+    Returned runs are copies:
     changing one changes nothing until :meth:`update`. Every call waits at most
     ``lock_timeout`` seconds for the store's locks, then raises :class:`StoreLocked`.
     """
@@ -147,7 +151,8 @@ class Store:
         self.state_dir = Path(state_dir).absolute()
         self.state_path = self.state_dir / STATE_FILE_NAME
         self.lock_path = self.state_dir / LOCK_FILE_NAME
-        self._prepare_dir()
+        # Created on the first write, so that looking at a store never makes one.
+        self._check_dir()
         self._mutex = threading.Lock()
         self._inside = threading.local()
         # Never removed or replaced: the lock file keeps its inode for ever.
@@ -170,12 +175,12 @@ class Store:
 
     def get(self, run_id: str) -> Run:
         """A copy of the run with that ID; :class:`RunNotFound` if there is none."""
-        with self._locked() as runs:
+        with self._locked(readonly=True) as runs:
             return _copy(runs[self._index(runs, run_id)])
 
     def list(self) -> RunList:
         """Every run, in insertion order."""
-        with self._locked() as runs:
+        with self._locked(readonly=True) as runs:
             return runs
 
     def update(self, run: Run) -> None:
@@ -193,12 +198,12 @@ class Store:
 
     def active_by_machine(self, name: str) -> Run | None:
         """The earliest-inserted pending or running run on machine ``name``, or ``None``."""
-        with self._locked() as runs:
+        with self._locked(readonly=True) as runs:
             return _active(runs, name)
 
     def find_by_test_dir_hash_and_machine(self, test_dir_hash: str, machine: str) -> RunList:
         """Every run with that (hash, machine), in insertion order."""
-        with self._locked() as runs:
+        with self._locked(readonly=True) as runs:
             return [r for r in runs if r.test_dir_hash == test_dir_hash and r.machine == machine]
 
     def prepare_atomic(self, machine: str, test_dir_hash: str, mk: Callable[[], Run]) -> tuple[Run, PrepareOutcome]:
@@ -332,7 +337,7 @@ class Store:
 
     def machines(self) -> builtins.list[MachineState]:
         """One entry per machine seen in the store, sorted by name."""
-        with self._locked() as runs:
+        with self._locked(readonly=True) as runs:
             names = sorted({r.machine for r in runs})
             states = []
             for name in names:
@@ -360,7 +365,7 @@ class Store:
         if keep is not None and keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
         cutoff = (now or _utcnow()) - older_than if older_than is not None else None
-        with self._locked() as runs:
+        with self._locked(readonly=dry_run) as runs:
             doomed_ids: set[str] = set()
             if keep is not None:
                 for name in {r.machine for r in runs}:
@@ -392,27 +397,89 @@ class Store:
             raise StateError(f"run ID {run_id!r} is not a safe path component; refusing to build paths from it")
         return self.state_dir / RUNS_DIR_NAME / run_id
 
+    def make_run_dir(self, run_id: str) -> Path:
+        """Create (0700, whatever the umask) the run folder and its ``artifacts`` folder; return the run folder.
+
+        Never follows a symlink: a ``runs`` folder, run folder or ``artifacts`` folder that
+        is a symbolic link (or not a folder) is refused with :class:`StateError`.
+        """
+        folder = self.run_dir(run_id)
+        self._ensure_dir()
+        for where in (folder.parent, folder, folder / "artifacts"):
+            _make_private_dir(where)
+        return folder
+
+    def open_log(self, run_id: str) -> IO[str]:
+        """The run's ``log.jsonl``, opened to append (0600, never through a symlink), UTF-8."""
+        path = self.make_run_dir(run_id) / "log.jsonl"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StateError(f"run log {path} is a symbolic link; refusing to write through it") from None
+            raise StateError(f"cannot open run log {path}: {_oserror_text(error)}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateError(f"run log {path} is not a regular file")
+        return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def liveness_lock(self) -> liveness.LivenessLock:
+        """A new liveness lock in this store, already held; :class:`StateError` if it cannot be taken."""
+        self._ensure_dir()
+        lock = liveness.LivenessLock(self.state_dir)
+        try:
+            lock.acquire()
+        except OSError as error:
+            raise StateError(f"cannot take a liveness lock in {self.state_dir}: {_oserror_text(error)}") from None
+        return lock
+
     # -- internals --------------------------------------------------------------------
 
-    def _prepare_dir(self) -> None:
+    def _check_dir(self) -> None:
+        """Refuse a state dir that can never work, or that others may write to."""
         where = self.state_dir
-        if not where.is_dir():
-            if where.exists() or where.is_symlink():
-                raise StateError(f"state dir {where} exists and is not a directory")
-            try:
-                where.mkdir(mode=0o700, parents=True, exist_ok=True)
-                # mkdir's mode is filtered through the umask; make it exactly 0700.
-                os.chmod(where, 0o700)
-            except OSError as error:
-                reason = "a parent is not a directory" if isinstance(error, FileExistsError) else _oserror_text(error)
-                raise StateError(f"cannot create state dir {where}: {reason}") from None
+        try:
+            info = os.lstat(where)
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise StateError(f"cannot create state dir {where}: a parent is not a directory") from None
+        except OSError as error:
+            raise StateError(f"cannot use state dir {where}: {_oserror_text(error)}") from None
+        if stat.S_ISLNK(info.st_mode):
+            info = os.stat(where)  # a symlinked state dir is the user's choice; its target must be sound
+        if not stat.S_ISDIR(info.st_mode):
+            raise StateError(f"state dir {where} exists and is not a directory")
+        if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            raise StateError(
+                f"state dir {where} can be written by any user (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"make it private with: chmod 700 {where}"
+            )
         if not os.access(where, os.W_OK | os.X_OK):
             raise StateError(f"state dir {where} is not writable")
 
+    def _ensure_dir(self) -> None:
+        where = self.state_dir
+        if where.is_dir():
+            return
+        if where.exists() or where.is_symlink():
+            raise StateError(f"state dir {where} exists and is not a directory")
+        try:
+            where.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkdir's mode is filtered through the umask; make it exactly 0700.
+            os.chmod(where, 0o700)
+        except OSError as error:
+            reason = "a parent is not a directory" if isinstance(error, FileExistsError) else _oserror_text(error)
+            raise StateError(f"cannot create state dir {where}: {reason}") from None
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[RunList]:
+    def _locked(self, *, readonly: bool = False) -> Iterator[RunList]:
         if getattr(self._inside, "active", False):
             raise RuntimeError(f"{self!r} was called again from inside one of its own operations (from mk?)")
+        if readonly and not self.state_path.exists() and not self.state_path.is_symlink():
+            yield []  # nothing to read, and looking must not create the store
+            return
+        self._ensure_dir()
         if not self._mutex.acquire(timeout=self.lock_timeout):
             raise StoreLocked(
                 f"store {self.state_dir} is busy in another thread of this process for more than "
@@ -464,9 +531,10 @@ class Store:
             if error.errno == errno.ELOOP:
                 raise StateError(f"state file {path} is a symbolic link; refusing to use it") from None
             raise StateError(f"cannot read state file {path}: {_oserror_text(error)}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateError(f"state file {path} is not a regular file")
         with open(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise StateError(f"state file {path} is not a regular file")
             raw = handle.read()
         runs, self._fences, self._read_version = _decode_state(raw, path)
         return runs
@@ -578,6 +646,9 @@ class Store:
             folder = self.run_dir(run.id)
         except StateError:
             return  # an ID we did not generate: nothing of ours to delete
+        if os.path.islink(folder.parent) or not folder.parent.is_dir():
+            return  # a symlinked runs folder leads outside the store: delete nothing through it
+        # rmtree refuses a symlinked root and never follows symlinks inside it.
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -585,7 +656,8 @@ def _encode_state(runs: RunList, fences: dict[str, int]) -> bytes:
     # One run per line: readable and diffable, and each line goes through json's C encoder
     # (an indent would force its pure-Python one, about ten times slower on a large store).
     header = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "fences": fences})[:-1]
-    lines = ",\n".join(json.dumps(r.to_dict(), ensure_ascii=False) for r in runs)
+    # ASCII escapes: any text a run holds (a surrogate from an undecodable path) stays valid JSON.
+    lines = ",\n".join(json.dumps(r.to_dict()) for r in runs)
     return f'{header}, "runs": [\n{lines}\n]}}\n'.encode()
 
 
@@ -596,6 +668,10 @@ def _decode_state(raw: bytes, path: Path) -> tuple[RunList, dict[str, int], int]
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise StateError(f"state file {path} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:
+        # A number of thousands of digits, or nesting deeper than Python's stack.
+        what = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+        raise StateError(f"state file {path} cannot be read: {what}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise StateError(f'state file {path} is not a pytest-runs state file (no "format": "{FORMAT_NAME}")')
     version = document.get("version")
@@ -617,7 +693,10 @@ def _decode_state(raw: bytes, path: Path) -> tuple[RunList, dict[str, int], int]
     runs = []
     for position, record in enumerate(records):
         try:
-            runs.append(Run.from_dict(record))
+            run = Run.from_dict(record)
+            if missing := [key for key in _REQUIRED_KEYS if not record.get(key)]:
+                raise ValueError(f"required field {missing[0]!r} is missing or empty")
+            runs.append(run)
         except (TypeError, ValueError) as error:
             raise StateError(f"state file {path}: run #{position}: {error}") from None
     return runs, fences, version
@@ -685,3 +764,18 @@ def lock_holders(path: Path) -> builtins.list[int]:
             if pid > 0 and pid not in holders:
                 holders.append(pid)
     return holders
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise StateError(f"cannot create {path}: {_oserror_text(error)}") from None
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise StateError(f"{path} is a symbolic link; refusing to write through it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateError(f"{path} exists and is not a folder")

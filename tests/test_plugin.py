@@ -475,10 +475,8 @@ def test_fence_and_run_id_reach_the_tests_and_their_processes(pytester: pytest.P
 
         @pytest.mark.parametrize("n", range(4))
         def test_sees_its_fence(n, runs_run, runs_artifacts_dir):
-            child = subprocess.run(
-                [sys.executable, "-c", "import os; print(os.environ['PYTEST_RUNS_FENCE'], os.environ['PYTEST_RUNS_RUN_ID'])"],
-                capture_output=True, text=True, check=True,
-            )
+            code = "import os; print(os.environ['PYTEST_RUNS_FENCE'], os.environ['PYTEST_RUNS_RUN_ID'])"
+            child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             assert child.stdout.split() == [str(runs_run.fence), runs_run.id]
             assert os.environ["PYTEST_RUNS_FENCE"] == str(runs_run.fence)
             (runs_artifacts_dir / f"seen-{n}").write_text(os.environ["PYTEST_RUNS_FENCE"])

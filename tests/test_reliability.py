@@ -333,7 +333,8 @@ def test_a_session_refuses_to_claim_a_run_with_an_unsafe_id(
     pytester.makeini("[pytest]\nruns_hash_ignore =\n    stdout\n    stderr\n    runpytest-*\n")
     state_dir = tmp_path / "state"
     test_hash = hash_test_dir(pytester.path, ignore=["stdout", "stderr", "runpytest-*"])
-    hostile_state(state_dir, {"id": "../../../tmp/evil", "machine": "rig-1", "test_dir_hash": test_hash})
+    hostile = {"id": "../../../tmp/evil", "machine": "rig-1", "test_dir_hash": test_hash, "status": "pending"}
+    hostile_state(state_dir, hostile)
     monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(state_dir))
     result = pytester.runpytest_subprocess("--runs-machine=rig-1")
     assert result.ret == 4

@@ -1,0 +1,228 @@
+"""Bad input and a hostile or failing file system: one clear line, nothing lost, results unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pytest_runs import Run, StateError, Status, Store
+from pytest_runs.cli import main
+
+FAILING_AND_PASSING = """
+import os
+
+def test_fails_with_a_surrogate():
+    raise FileNotFoundError(os.fsdecode(b"caf\\xe9.bin"))
+
+def test_passes():
+    pass
+"""
+
+
+def tracked(pytester: pytest.Pytester, state_dir: Path, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("--runs-machine=rig-1", f"--runs-state-dir={state_dir}", "-p", "no:cacheprovider", *args)
+
+
+# -- tracking never changes a session's results -----------------------------------------
+
+
+def test_a_failure_message_with_a_surrogate_is_logged_and_changes_nothing(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makepyfile(FAILING_AND_PASSING)
+    result = tracked(pytester, tmp_path / "state")
+    result.assert_outcomes(failed=1, passed=1)
+    assert result.ret == 1
+    (run,) = Store(tmp_path / "state").list()
+    lines = [json.loads(line) for line in Path(run.logs_path).read_text(encoding="utf-8").splitlines()]
+    failed = next(line for line in lines if line["outcome"] == "failed")
+    assert "caf\udce9.bin" in failed["longrepr"], "the text survives, escaped, as valid JSON"
+
+
+def test_a_test_folder_whose_path_is_not_utf8(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    (folder / "test_it.py").write_text("def test_it(): pass\n")
+    result = pytester.runpytest(
+        "--runs-machine=rig-1", f"--runs-state-dir={tmp_path / 'state'}", "-p", "no:cacheprovider", str(folder)
+    )
+    assert result.ret == 0
+    (run,) = Store(tmp_path / "state").list()
+    assert run.test_dir == str(folder) and run.status is Status.COMPLETED
+    assert main(["--state-dir", str(tmp_path / "state"), "show", run.id]) == 0
+
+
+def test_a_run_log_that_fails_to_write_changes_nothing(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /dev/full fails every write with ENOSPC: a disk that filled up during the session.
+    monkeypatch.setattr(Store, "open_log", lambda self, run_id: open("/dev/full", "a", encoding="utf-8"))  # noqa: SIM115
+    pytester.makepyfile(FAILING_AND_PASSING)
+    result = tracked(pytester, tmp_path / "state")
+    result.assert_outcomes(failed=1, passed=1)
+    assert result.ret == 1
+    (run,) = Store(tmp_path / "state").list()
+    assert (run.status, run.error_msg) == (Status.FAILED, "1 failed, 1 passed")
+
+
+def test_a_store_that_fails_to_record_the_end_changes_nothing(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def full_disk(self: Store, *args: object, **kwargs: object) -> Run:
+        raise StateError(f"cannot write state file {self.state_path}: No space left on device")
+
+    monkeypatch.setattr(Store, "finish", full_disk)
+    pytester.makepyfile(FAILING_AND_PASSING)
+    result = tracked(pytester, tmp_path / "state")
+    result.assert_outcomes(failed=1, passed=1)
+    assert result.ret == 1
+    err = capfd.readouterr().err
+    assert "could not record the end of run" in err and "No space left on device" in err
+    assert "Traceback" not in err
+
+
+def test_the_store_removed_during_the_session(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    pytester.makepyfile(
+        f"""
+        import os, time
+        def test_removes_the_store():
+            os.remove({str(state / "runs.json")!r})
+            time.sleep(2)
+        def test_after():
+            pass
+        """
+    )
+    result = tracked(pytester, state, "--runs-heartbeat=0.2")
+    # The record is gone: the session cannot prove the machine is still its own.
+    assert result.ret == 76
+    result.stdout.fnmatch_lines(["*this session lost machine rig-1*is gone from the store*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+# -- state that cannot be used is refused, and left as it is ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"format": "pytest-runs-state", "version": 2, "runs": [], "n": ' + b"9" * 5000 + b"}", "cannot be read"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"format": "pytest-runs-state", "version": 2, "runs": [{"id": "x"}]}', "required field 'machine'"),
+        (
+            b'{"format": "pytest-runs-state", "version": 2, "runs": [{"id": "x", "machine": "m"}]}',
+            "required field 'status'",
+        ),
+    ],
+    ids=["huge-number", "deep-nesting", "no-machine", "no-status"],
+)
+def test_unreadable_state_is_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "runs.json").write_bytes(content)
+    with pytest.raises(StateError, match=message) as raised:
+        Store(state).list()
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 500
+    assert (state / "runs.json").read_bytes() == content
+
+
+def test_a_state_file_that_is_a_folder(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "runs.json").mkdir(parents=True)
+    with pytest.raises(StateError, match="is not a regular file"):
+        Store(state).list()
+
+
+def test_a_runs_entry_that_is_a_file_is_a_usage_error(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "runs").write_text("not a folder")
+    pytester.makepyfile("def test_a(): pass\n")
+    result = tracked(pytester, state)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: pytest-runs: {state / 'runs'} exists and is not a folder"])
+    (run,) = Store(state).list()
+    assert (run.status, run.error_code) == (Status.FAILED, "usage_error"), "the run it could not use is ended"
+
+
+# -- nothing written outside the store, modes ------------------------------------------
+
+
+def test_a_symlinked_runs_folder_is_refused(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    state.mkdir(mode=0o700)
+    outside.mkdir()
+    (state / "runs").symlink_to(outside)
+    pytester.makepyfile("def test_a(): pass\n")
+    result = tracked(pytester, state)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: pytest-runs: * is a symbolic link; refusing to write through it"])
+    assert list(outside.iterdir()) == []
+
+
+def test_prune_deletes_nothing_through_a_symlinked_runs_folder(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    run = store.create(Run(machine="rig-1", test_dir_hash="h"))
+    store.make_run_dir(run.id)
+    store.finish(run.id, Status.COMPLETED, exit_code=0)
+    outside = tmp_path / "outside"
+    (outside / run.id).mkdir(parents=True)
+    (outside / run.id / "precious").write_text("keep")
+    real_runs = store.state_dir / "runs"
+    real_runs.rename(tmp_path / "moved")
+    real_runs.symlink_to(outside)
+    assert [r.id for r in store.prune(keep=0)] == [run.id]
+    assert (outside / run.id / "precious").read_text() == "keep"
+
+
+def test_a_planted_log_symlink_is_not_written_through(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    reservation = store.create(Run(machine="rig-1", test_dir_hash="x"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (store.make_run_dir(reservation.id) / "log.jsonl").symlink_to(victim)
+    with pytest.raises(StateError, match="is a symbolic link"):
+        store.open_log(reservation.id)
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_run_folders_and_logs_are_private_whatever_the_umask(
+    pytester: pytest.Pytester, tmp_path: Path, umask: int
+) -> None:
+    pytester.makepyfile("def test_a(runs_artifacts_dir): (runs_artifacts_dir / 'made').write_text('x')\n")
+    old = os.umask(umask)
+    try:
+        result = tracked(pytester, tmp_path / "state")
+    finally:
+        os.umask(old)
+    assert result.ret == 0
+    (run,) = Store(tmp_path / "state").list()
+    run_dir = Path(run.logs_path).parent
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (run_dir.parent, run_dir, Path(run.artifacts_path))}
+    assert set(modes.values()) == {0o700}, modes
+    assert stat.S_IMODE(Path(run.logs_path).stat().st_mode) == 0o600
+
+
+def test_a_state_dir_anyone_can_write_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    with pytest.raises(StateError, match=r"can be written by any user \(mode 0777\); make it private with: chmod 700"):
+        Store(state)
+    assert main(["--state-dir", str(state), "list"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_looking_at_a_store_that_does_not_exist_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    for command in (["list"], ["machines"], ["list", "--json"], ["prune", "--keep", "1", "--dry-run"]):
+        assert main(["--state-dir", str(state), *command]) == 0
+    assert main(["--state-dir", str(state), "show", "nope"]) == 1
+    assert not state.exists()
