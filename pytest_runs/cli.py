@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .display import describe_holder, format_ago, format_duration, held_for
+from .display import describe_holder, format_ago, format_duration, held_for, owner_of
 from .hashing import HashError, hash_test_dir
 from .identity import read_hash_ignore
 from .liveness import DEFAULT_LEASE
@@ -299,7 +299,8 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
             held = held_for(state.active, now)
             stale = store.stale_reason(state.active)
             machine_state = "busy (stale)" if stale else "busy"
-            holder = f"{state.active.id} ({state.active.status.value}, {held}" + (
+            details = [state.active.status.value, held, owner_of(state.active), state.active.owner_ci_url]
+            holder = f"{state.active.id} ({', '.join(d for d in details if d)}" + (
                 f"; stale: {stale})" if stale else ")"
             )
         last = "-"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from .model import Run, run_created_at
+from .model import Run, format_timestamp, run_created_at
 
-__all__ = ["describe_holder", "format_ago", "format_duration", "held_for", "held_since"]
+__all__ = ["describe_holder", "format_ago", "format_duration", "held_for", "held_since", "owner_of"]
 
 
 def format_duration(seconds: float) -> str:
@@ -51,5 +51,26 @@ def held_for(run: Run, now: datetime | None = None) -> str:
 
 
 def describe_holder(run: Run, now: datetime | None = None) -> str:
-    """``run ID (running, hash 0123456789ab, held for 3m12s)``."""
-    return f"run {run.id} ({run.status.value}, hash {run.short_hash}, held for {held_for(run, now)})"
+    """``run ID (running, hash 0123456789ab, held for 3m12s since ..., by host ci-7 PID 42, batch b, CI url)``.
+
+    Who holds a machine, for the person who wanted it: since when, which host and process,
+    which batch and CI job, as far as the run records them.
+    """
+    held = f"held for {held_for(run, now)}"
+    if (since := held_since(run)) is not None:
+        held += f" since {format_timestamp(since)}"
+    parts = [run.status.value, f"hash {run.short_hash}", held]
+    if who := owner_of(run):
+        parts.append(f"by {who}")
+    if run.batch_id:
+        parts.append(f"batch {run.batch_id}")
+    if run.owner_ci_url:
+        parts.append(f"CI {run.owner_ci_url}")
+    return f"run {run.id} ({', '.join(parts)})"
+
+
+def owner_of(run: Run) -> str:
+    """``host ci-7 PID 4242``, as far as the run records it; ``""`` if it does not."""
+    host = f"host {run.owner_host}" if run.owner_host else ""
+    pid = f"PID {run.owner_pid}" if run.owner_pid is not None else ""
+    return " ".join(part for part in (host, pid) if part)

@@ -102,6 +102,7 @@ OPTIONAL_KEYS = frozenset(
         "owner_token",
         "owner_lease",
         "fence",
+        "summary",
     }
 )
 _TIMESTAMP_KEYS = frozenset({"started_at", "ended_at", "heartbeat_at"})
@@ -151,6 +152,9 @@ class Run:
     #: Grows by one with each run that becomes active on this machine, never reused: a rig
     #: controller can refuse any holder whose fence is older than the newest it has seen.
     fence: int | None = None
+    #: How the session ended, as pytest counted it: ``{"text": "3 passed, 1 skipped",
+    #: "counts": {"passed": 3, "skipped": 1}, "duration": 4.021}`` (seconds).
+    summary: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Not a dataclass field: the fields are exactly the contract's keys. Keys written by
@@ -221,6 +225,10 @@ def _decode(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"owner_lease must be a positive number of seconds or null, not {value!r}")
         return float(value)
+    if key == "summary":
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"summary must be an object or null, not {value!r}")
+        return value
     if key in _OPTIONAL_INT_KEYS:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{key} must be an integer or null, not {value!r}")

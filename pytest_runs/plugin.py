@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[SKIP_KEY] = reason
         return
     lookup = _lookup(config)
-    if lookup("machine") is None:
+    if lookup("machine") is None or _uses_no_machine(config):
         return
     from .identity import derive_test_folder, find_ini_file, locate_ini_file, read_hash_ignore
 
@@ -88,6 +88,22 @@ def pytest_configure(config: pytest.Config) -> None:
     from .session import TrackedSession
 
     config.pluginmanager.register(TrackedSession(config, settings, test_dir, hash_ignore), "pytest-runs-tracker")
+
+
+# Sessions that only list or plan, and run no test and no fixture: they take no machine.
+_NO_MACHINE_OPTIONS = (
+    "collectonly",
+    "showfixtures",
+    "show_fixtures_per_test",
+    "markers",
+    "setupplan",
+    "help",
+    "version",
+)
+
+
+def _uses_no_machine(config: pytest.Config) -> bool:
+    return any(getattr(config.option, name, False) for name in _NO_MACHINE_OPTIONS)
 
 
 @pytest.hookimpl(trylast=True)

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -38,6 +37,7 @@ from .liveness import LivenessLock
 from .model import PrepareOutcome, Run, Status
 from .options import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_MACHINE_LOST, Settings
 from .owner import Owner
+from .runlog import RunLog, report_entry
 from .stopper import StopKind, Stopper, StopRequest
 from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked
 
@@ -74,8 +74,10 @@ class TrackedSession:
         self._heartbeat: threading.Thread | None = None
         self._deadline: threading.Timer | None = None
         self._say_fd: int | None = None
-        self._log: IO[str] | None = None
+        self._log: RunLog | None = None
+        self._started = time.monotonic()
         self._saved_env: dict[str, str | None] = {}
+        self._refused = False
 
     # -- session start ----------------------------------------------------------------
 
@@ -138,7 +140,7 @@ class TrackedSession:
                 waited = time.monotonic() - waiting_since
                 if settings.on_busy != "wait" or waited >= settings.wait_timeout:
                     progress.done()
-                    pytest.exit(f"pytest-runs: {locked}", returncode=EXIT_BUSY)
+                    self._refuse(f"pytest-runs: {locked}")
                 progress.show(line=f"pytest-runs: {locked}; still waiting", in_place=f"pytest-runs: {locked}")
                 continue
             # A pending run for exactly these tests is a reservation: claim it.
@@ -166,7 +168,7 @@ class TrackedSession:
                 progress.done()
                 if settings.on_busy == "wait":
                     message += f"; gave up after waiting {format_duration(waited)}"
-                pytest.exit(message, returncode=EXIT_BUSY)
+                self._refuse(message)
             waiting = f"waiting {format_duration(waited)} of {format_duration(settings.wait_timeout)}"
             progress.show(
                 line=f"{message}; {waiting}",
@@ -175,6 +177,11 @@ class TrackedSession:
                 f"run {run.id} (hash {run.short_hash})",
             )
             time.sleep(max(0.0, min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited)))
+
+    def _refuse(self, message: str) -> NoReturn:
+        """No test runs: exit with :data:`EXIT_BUSY`, saying why once."""
+        self._refused = True
+        pytest.exit(message, returncode=EXIT_BUSY)
 
     def _give_up(self, store: Store, run: Run, error: StateError) -> None:
         """A run this session created but cannot use: end it at once rather than leave it to be reclaimed."""
@@ -198,11 +205,26 @@ class TrackedSession:
 
     def _begin(self) -> None:
         assert self.run is not None and self.store is not None
+        self._started = time.monotonic()
         try:
-            self._log = self.store.open_log(self.run.id)
+            self._log = RunLog(self.store.open_log(self.run.id), self._say)
         except StateError as error:
             # The run holds the machine all the same; only its log is lost. Tests run as they would.
             self._say(f"pytest-runs: WARNING: no run log for run {self.run.id}: {error}")
+        else:
+            self._log.write(
+                "session_start",
+                run_id=self.run.id,
+                machine=self.run.machine,
+                fence=self.run.fence,
+                test_dir=self.run.test_dir,
+                test_dir_hash=self.run.test_dir_hash,
+                pytest_version=pytest.__version__,
+                args=list(self.config.invocation_params.args),
+                host=self.owner.host,
+                pid=self.owner.pid,
+            )
+        self._add_junit_properties(self.run)
         self.config.stash[RUN_KEY] = self.run
         # For the tests and everything they start (xdist workers start after this hook).
         self._set_env(RUN_ID_ENV, self.run.id)
@@ -288,38 +310,34 @@ class TrackedSession:
             return
         if report.when == "call" or not report.passed:
             self.counts[_outcome_word(report)] += 1
-        self._write_log(report, report.when)
+        if self._log is not None:
+            self._log.write("report", **report_entry(report))
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if self.run is not None and report.failed:
             self.counts["error"] += 1
-            self._write_log(report, "collect")
+            if self._log is not None:
+                self._log.write("report", **report_entry(report))
 
-    def _write_log(self, report: pytest.TestReport | pytest.CollectReport, when: str | None) -> None:
-        if self._log is None:
-            return
-        entry: dict[str, Any] = {
-            "nodeid": report.nodeid,
-            "when": when,
-            "outcome": report.outcome,
-            "duration": getattr(report, "duration", 0.0),
-        }
-        if report.failed:
-            entry["longrepr"] = str(report.longrepr)
-        elif report.skipped and isinstance(report.longrepr, tuple):
-            entry["longrepr"] = report.longrepr[2]
-        # xdist marks reports from its workers with the worker's node.
-        if (gateway := getattr(getattr(report, "node", None), "gateway", None)) is not None:
-            entry["worker"] = gateway.id
+    def _add_junit_properties(self, run: Run) -> None:
+        """With --junitxml, the report's testsuite links back to the run."""
         try:
-            # ASCII escapes keep any text (a surrogate from an undecodable file name) valid JSON.
-            self._log.write(json.dumps(entry) + "\n")
-            self._log.flush()
-        except OSError as error:
-            self._say(f"pytest-runs: WARNING: run log of run {self.run.id if self.run else '?'} stopped: {error}")
-            with contextlib.suppress(OSError):
-                self._log.close()
-            self._log = None
+            from _pytest.junitxml import xml_key
+        except ImportError:  # pragma: no cover - a pytest that moved it
+            return
+        xml = self.config.stash.get(xml_key, None)
+        if xml is None:
+            return
+        properties = {
+            "pytest_runs_run_id": run.id,
+            "pytest_runs_machine": run.machine,
+            "pytest_runs_fence": "" if run.fence is None else str(run.fence),
+            "pytest_runs_batch": run.batch_id,
+            "pytest_runs_plan_entry": run.plan_entry,
+        }
+        for name, value in properties.items():
+            if value:
+                xml.add_global_property(name, value)
 
     # -- session finish ---------------------------------------------------------------
 
@@ -337,14 +355,23 @@ class TrackedSession:
             session.exitstatus = status
         self._finish(status, request)
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self.stopper.ending()
+        if self._refused:
+            # pytest already said "Exit: <why>"; its terminal would repeat it as "! Exit: <why> !".
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None and getattr(reporter, "_keyboardinterrupt_memo", None) is not None:
+                reporter._keyboardinterrupt_memo = None
         # pytest skips sessionfinish when a later plugin's sessionstart fails.
         if self.run is not None and self.final is None:
             status = getattr(self.session, "exitstatus", None)
             self._finish(
                 int(status) if status is not None else int(pytest.ExitCode.INTERNAL_ERROR), self.stopper.request
             )
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            self._summarise(reporter)
         self._stop_threads()
         if self.liveness is not None:
             self.liveness.release()
@@ -369,18 +396,46 @@ class TrackedSession:
     def _finish(self, exitstatus: int, request: StopRequest | None) -> None:
         """Record how the session ended (``request``: the stop asked for before the end, if any)."""
         self._stop_threads()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
         if self.run is None or self.store is None or self.final is not None:
             return
-        status, error_code, error_msg = self._outcome(exitstatus, request)
-        self._record_end(status, exitstatus, error_code, error_msg)
+        summary = self._summary()
+        status, error_code, error_msg = self._outcome(exitstatus, request, summary["text"])
+        self._record_end(status, exitstatus, error_code, error_msg, summary)
+        if self._log is not None:
+            final = self.final or self.run
+            self._log.write(
+                "session_finish",
+                status=final.status.value,
+                exit_code=exitstatus,
+                error_code=error_code,
+                summary=summary,
+            )
+            self._log.close()
+            self._log = None
         # Only now, with the end on record, may another session see this one as gone.
         if self.liveness is not None:
             self.liveness.release()
 
-    def _record_end(self, status: Status, exit_code: int, error_code: str, error_msg: str) -> None:
+    def _summary(self) -> dict[str, Any]:
+        """pytest's counts as on its final line, and how long the session ran."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        text = ""
+        if reporter is not None:
+            with contextlib.suppress(Exception):  # a reporter that differs: fall back to our own counts
+                parts, _ = reporter.build_summary_stats_line()
+                text = ", ".join(part for part, _ in parts)
+        if not text or text == "no tests ran":
+            text = _summary(self.counts) or "no tests ran"
+        counts: dict[str, int] = {}
+        for part in text.split(", "):
+            number, _, word = part.partition(" ")
+            if number.isdigit():
+                counts[word] = int(number)
+        return {"text": text, "counts": counts, "duration": round(time.monotonic() - self._started, 3)}
+
+    def _record_end(
+        self, status: Status, exit_code: int, error_code: str, error_msg: str, summary: dict[str, Any] | None = None
+    ) -> None:
         assert self.run is not None and self.store is not None
         with self._ending:
             if self.final is not None:
@@ -392,6 +447,7 @@ class TrackedSession:
                     exit_code=exit_code,
                     error_code=error_code,
                     error_msg=error_msg,
+                    summary=summary,
                     owner=self.owner,
                 )
             except RunEnded as ended:
@@ -409,13 +465,13 @@ class TrackedSession:
         if request.kind is not StopKind.LOST:
             status = Status.TIMEOUT if request.kind is StopKind.TIMEOUT else Status.INTERRUPTED
             forced = f"{request.reason}; ended by force after a grace of {self.settings.grace:g}s"
-            self._record_end(status, request.exit_status, status.value, forced)
+            self._record_end(status, request.exit_status, status.value, forced, self._summary())
         if self.liveness is not None:
             self.liveness.release()
         run = self.final or self.run
         self._say(f"pytest-runs: run {run.id} on {run.machine}: {run.status.value} (exit status {request.exit_status})")
 
-    def _outcome(self, exitstatus: int, request: StopRequest | None) -> tuple[Status, str, str]:
+    def _outcome(self, exitstatus: int, request: StopRequest | None, counts: str) -> tuple[Status, str, str]:
         shouldfail = str(getattr(self.session, "shouldfail", "") or "")
         if request is not None and request.kind is StopKind.TIMEOUT:
             return Status.TIMEOUT, "timeout", request.reason
@@ -432,18 +488,12 @@ class TrackedSession:
             code = pytest.ExitCode(exitstatus).name.lower()
         except ValueError:
             code = f"exit_{exitstatus}"
-        summary = _summary(self.counts) or code.replace("_", " ")
-        return Status.FAILED, code, summary
-
-    # The outermost wrapper, so that its line comes after pytest's own summary sections.
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_terminal_summary(self, terminalreporter: Any) -> Generator[None]:
-        try:
-            return (yield)
-        finally:
-            self._summarise(terminalreporter)
+        if counts == "no tests ran" or not counts:
+            counts = code.replace("_", " ")
+        return Status.FAILED, code, counts
 
     def _summarise(self, terminalreporter: Any) -> None:
+        """The session's last words, after pytest's own final line: what became of the run."""
         run = self.final or self.run
         if self.skip_reason is not None:
             terminalreporter.write_line(f"{self.skip_reason}: every test skipped, no run recorded")

@@ -270,6 +270,7 @@ class Store:
         error_code: str = "",
         error_msg: str = "",
         ended_at: datetime | None = None,
+        summary: dict[str, Any] | None = None,
         owner: Owner | None = None,
     ) -> Run:
         """End a non-terminal run with a terminal ``status``; :class:`RunEnded` if it already ended.
@@ -288,6 +289,7 @@ class Store:
             error_code=error_code,
             error_msg=error_msg,
             ended_at=ended_at or _utcnow(),
+            summary=summary,
         )
 
     def release(self, run_id: str, reason: str) -> Run:

@@ -24,7 +24,16 @@ def test_passes():
 
 
 def tracked(pytester: pytest.Pytester, state_dir: Path, *args: str) -> pytest.RunResult:
-    return pytester.runpytest("--runs-machine=rig-1", f"--runs-state-dir={state_dir}", "-p", "no:cacheprovider", *args)
+    return pytester.runpytest(
+        "--runs-machine=rig-1",
+        f"--runs-state-dir={state_dir}",
+        "-p",
+        "no:cacheprovider",
+        # In process, pytest_runs is already imported by the outer session.
+        "-W",
+        "ignore::pytest.PytestAssertRewriteWarning",
+        *args,
+    )
 
 
 # -- tracking never changes a session's results -----------------------------------------
@@ -39,7 +48,7 @@ def test_a_failure_message_with_a_surrogate_is_logged_and_changes_nothing(
     assert result.ret == 1
     (run,) = Store(tmp_path / "state").list()
     lines = [json.loads(line) for line in Path(run.logs_path).read_text(encoding="utf-8").splitlines()]
-    failed = next(line for line in lines if line["outcome"] == "failed")
+    failed = next(line for line in lines if line.get("outcome") == "failed")
     assert "caf\udce9.bin" in failed["longrepr"], "the text survives, escaped, as valid JSON"
 
 

@@ -16,6 +16,7 @@ from terminal import run_on_a_terminal
 
 from pytest_runs import PrepareOutcome, Run, Status, Store
 from pytest_runs.hashing import hash_test_dir
+from pytest_runs.model import parse_timestamp
 from pytest_runs.plugin import EXIT_BUSY
 
 PASSING = """
@@ -112,7 +113,8 @@ def test_completed_run(pytester: pytest.Pytester, state_dir: Path) -> None:
     assert Path(run.artifacts_path).parent == state_dir / "runs" / run.id
     lines = result.stdout.lines
     summary = f"pytest-runs: run {run.id} on rig-1: completed (artifacts {run.artifacts_path}, log {run.logs_path})"
-    assert lines[-2] == summary, "the run line ends the terminal summary, before pytest's final stats line"
+    assert lines[-1] == summary, "the run line is the last thing a person reads, after pytest's final line"
+    assert run.summary is not None and run.summary["text"] == "1 passed" and run.summary["duration"] >= 0
 
 
 def test_report_log(pytester: pytest.Pytester, state_dir: Path) -> None:
@@ -120,19 +122,32 @@ def test_report_log(pytester: pytest.Pytester, state_dir: Path) -> None:
         """
         import pytest
         def test_ok(): pass
-        def test_bad(): assert 1 == 2, "boom"
+        def test_bad():
+            print("said on stdout")
+            assert 1 == 2, "boom"
         @pytest.mark.skip(reason="not today")
         def test_skipped(): pass
         """
     )
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-batch=b7")
     assert result.ret == 1
     run = only_run(state_dir)
-    entries = [json.loads(line) for line in Path(run.logs_path).read_text().splitlines()]
+    lines = [json.loads(line) for line in Path(run.logs_path).read_text().splitlines()]
+    assert all(parse_timestamp(line["ts"]) for line in lines), "every line has a UTC timestamp"
+    start, *entries, finish = lines
+    assert start["event"] == "session_start" and finish["event"] == "session_finish"
+    assert (start["run_id"], start["machine"], start["fence"]) == (run.id, "rig-1", 1)
+    assert start["pytest_version"] == pytest.__version__
+    assert start["args"][-2:] == ["--runs-machine=rig-1", "--runs-batch=b7"]
+    assert (finish["status"], finish["exit_code"]) == ("failed", 1)
+    assert finish["summary"]["text"] == "1 failed, 1 passed, 1 skipped" == run.error_msg
+    assert run.summary is not None and run.summary["counts"] == {"failed": 1, "passed": 1, "skipped": 1}
+    assert {e["event"] for e in entries} == {"report"}
     assert {e["nodeid"].split("::")[1] for e in entries} == {"test_ok", "test_bad", "test_skipped"}
     assert all(set(e) >= {"nodeid", "when", "outcome", "duration"} for e in entries)
     failed = [e for e in entries if e["outcome"] == "failed"]
     assert len(failed) == 1 and failed[0]["when"] == "call" and "boom" in failed[0]["longrepr"]
+    assert ["Captured stdout call", "said on stdout\n"] in failed[0]["sections"]
     assert next(e for e in entries if e["outcome"] == "skipped")["longrepr"] == "Skipped: not today"
 
 
@@ -346,10 +361,11 @@ def test_busy_fail(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makepyfile(PASSING)
     result = pytester.runpytest_subprocess("--runs-machine=rig-1")
     assert result.ret == EXIT_BUSY
-    result.stderr.fnmatch_lines(
-        [f"Exit: pytest-runs: machine rig-1 is busy with run {holder.id} (running, hash ffffffffffff, held for *s)"]
-    )
+    busy = f"Exit: pytest-runs: machine rig-1 is busy with run {holder.id} (running, hash ffffffffffff, held for *s*)"
+    result.stderr.fnmatch_lines([busy])
     assert "Traceback" not in result.stderr.str()
+    said = [line for line in result.stdout.lines + result.stderr.lines if f"busy with run {holder.id}" in line]
+    assert len(said) == 1, "the busy message is said once"
     assert runs_in(state_dir) == [holder]
 
 
@@ -462,7 +478,7 @@ def test_xdist_one_run_owned_by_the_controller(pytester: pytest.Pytester, state_
     assert len(written) == 8
     assert {p.read_text() for p in written} == {run.id}
     assert {p.name.split("-")[0] for p in written} == {"gw0", "gw1"}
-    entries = [json.loads(line) for line in Path(run.logs_path).read_text().splitlines()]
+    entries = [json.loads(line) for line in Path(run.logs_path).read_text().splitlines()][1:-1]
     assert len([e for e in entries if e["when"] == "call"]) == 8
     assert {e["worker"] for e in entries} == {"gw0", "gw1"}
 
