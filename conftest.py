@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+# Sessions under test (in process and in subprocesses) rewrite the asserts of every plugin
+# module they import; with PYTHONDONTWRITEBYTECODE (set on some machines) none of that is
+# cached, and each session spends a second or more compiling the same modules again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,7 @@
-"""pytest-runs: track every pytest session as a run on a named target machine."""
+"""pytest-runs: track every pytest session as a run on a named target machine.
+
+PYTEST_DONT_REWRITE: a library, not tests; in-process test sessions import it again as a plugin.
+"""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def the_hash(pytester: pytest.Pytester, state_dir: Path) -> str:
 
 def test_without_a_machine_nothing_happens(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest()
     result.assert_outcomes(passed=2)
     assert result.ret == 0
     assert "pytest-runs" not in result.stdout.str()
@@ -78,7 +78,7 @@ def test_without_a_machine_nothing_happens(pytester: pytest.Pytester, state_dir:
 
 
 def test_options_in_help(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--help")
+    result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
         ["pytest-runs: track the session as a run on a target machine:", "*--runs-machine=NAME*"]
     )
@@ -100,7 +100,7 @@ def test_completed_run(pytester: pytest.Pytester, state_dir: Path) -> None:
         """
     )
     ignore_pytester_files(pytester)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == 0
     run = only_run(state_dir)
     assert run.status is Status.COMPLETED
@@ -129,7 +129,7 @@ def test_report_log(pytester: pytest.Pytester, state_dir: Path) -> None:
         def test_skipped(): pass
         """
     )
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-batch=b7")
+    result = pytester.runpytest("--runs-machine=rig-1", "--runs-batch=b7")
     assert result.ret == 1
     run = only_run(state_dir)
     lines = [json.loads(line) for line in Path(run.logs_path).read_text().splitlines()]
@@ -138,7 +138,7 @@ def test_report_log(pytester: pytest.Pytester, state_dir: Path) -> None:
     assert start["event"] == "session_start" and finish["event"] == "session_finish"
     assert (start["run_id"], start["machine"], start["fence"]) == (run.id, "rig-1", 1)
     assert start["pytest_version"] == pytest.__version__
-    assert start["args"][-2:] == ["--runs-machine=rig-1", "--runs-batch=b7"]
+    assert {"--runs-machine=rig-1", "--runs-batch=b7"} <= set(start["args"])
     assert (finish["status"], finish["exit_code"]) == ("failed", 1)
     assert finish["summary"]["text"] == "1 failed, 1 passed, 1 skipped" == run.error_msg
     assert run.summary is not None and run.summary["counts"] == {"failed": 1, "passed": 1, "skipped": 1}
@@ -173,7 +173,7 @@ def test_exit_status_mapping(
     error_msg: str,
 ) -> None:
     pytester.makepyfile(test_mapping=source)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", *args)
+    result = pytester.runpytest("--runs-machine=rig-1", *args)
     assert result.ret == exit_code
     run = only_run(state_dir)
     expected_status = Status.INTERRUPTED if exit_code == 2 else Status.FAILED
@@ -185,7 +185,7 @@ def test_exit_status_mapping(
 def test_internal_error_ends_the_run_as_failed(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makeconftest("def pytest_collection_modifyitems(items): raise RuntimeError('plugin bug')")
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == 3
     run = only_run(state_dir)
     assert (run.status, run.error_code) == (Status.FAILED, "internal_error")
@@ -194,7 +194,7 @@ def test_internal_error_ends_the_run_as_failed(pytester: pytest.Pytester, state_
 def test_a_later_plugin_failing_at_session_start_still_ends_the_run(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makeconftest("def pytest_sessionstart(session): raise RuntimeError('later plugin broke')")
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == 3
     run = only_run(state_dir)
     assert run.status is Status.FAILED
@@ -205,7 +205,7 @@ def test_a_later_plugin_failing_at_session_start_still_ends_the_run(pytester: py
 def test_batch_and_plan_entry(pytester: pytest.Pytester, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile(PASSING)
     monkeypatch.setenv("PYTEST_RUNS_PLAN_ENTRY", "from-env")
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-batch=b-42").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1", "--runs-batch=b-42").ret == 0
     run = only_run(state_dir)
     assert (run.batch_id, run.plan_entry) == ("b-42", "from-env")
     assert run.to_dict()["batch_id"] == "b-42"
@@ -214,8 +214,8 @@ def test_batch_and_plan_entry(pytester: pytest.Pytester, state_dir: Path, monkey
 def test_terminal_runs_do_not_block_a_new_session(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makepyfile(PASSING)
     ignore_pytester_files(pytester)
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1").ret == 0
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1").ret == 0
     first, second = runs_in(state_dir)
     assert first.id != second.id and first.test_dir_hash == second.test_dir_hash
 
@@ -229,15 +229,15 @@ def test_ini_env_and_command_line_precedence(
     ini_state, env_state, cli_state = tmp_path / "ini", tmp_path / "env", tmp_path / "cli"
     pytester.makeini(f"[pytest]\nruns_machine = from-ini\nruns_state_dir = {ini_state}\n")
     pytester.makepyfile(PASSING)
-    assert pytester.runpytest_subprocess().ret == 0
+    assert pytester.runpytest().ret == 0
     assert only_run(ini_state).machine == "from-ini"
 
     monkeypatch.setenv("PYTEST_RUNS_MACHINE", "from-env")
     monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(env_state))
-    assert pytester.runpytest_subprocess().ret == 0
+    assert pytester.runpytest().ret == 0
     assert only_run(env_state).machine == "from-env"
 
-    assert pytester.runpytest_subprocess("--runs-machine=from-cli", f"--runs-state-dir={cli_state}").ret == 0
+    assert pytester.runpytest("--runs-machine=from-cli", f"--runs-state-dir={cli_state}").ret == 0
     assert only_run(cli_state).machine == "from-cli"
     assert len(runs_in(ini_state)) == len(runs_in(env_state)) == 1
 
@@ -252,7 +252,7 @@ def test_pyproject_ini_options_and_hash_ignore(pytester: pytest.Pytester, state_
     )
     pytester.makepyfile(PASSING)
     (pytester.path / "noise.log").write_text("changes every run")
-    assert pytester.runpytest_subprocess().ret == 0
+    assert pytester.runpytest().ret == 0
     run = only_run(state_dir)
     assert run.machine == "board-7"
     assert run.test_dir_hash == hash_test_dir(pytester.path, ignore=["*.log", "out", *PYTESTER_FILES])
@@ -264,7 +264,7 @@ def test_default_state_dir_follows_xdg(
 ) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     pytester.makepyfile(PASSING)
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1").ret == 0
     assert only_run(tmp_path / "xdg" / "pytest-runs").status is Status.COMPLETED
 
 
@@ -272,7 +272,7 @@ def test_test_dir_option(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makepyfile(PASSING)
     sub = pytester.mkdir("suite")
     (sub / "data.txt").write_text("x")
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-test-dir=suite").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1", "--runs-test-dir=suite").ret == 0
     run = only_run(state_dir)
     assert run.test_dir == str(sub)
     assert run.test_dir_hash == hash_test_dir(sub)
@@ -309,7 +309,7 @@ def test_bad_options_are_usage_errors(
     pytester: pytest.Pytester, state_dir: Path, args: list[str], message: str
 ) -> None:
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess(*args)
+    result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: pytest-runs: {message}*"])
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
@@ -322,11 +322,11 @@ def test_bad_env_value_is_a_usage_error(
     monkeypatch.setenv("PYTEST_RUNS_ON_BUSY", "maybe")
     monkeypatch.setenv("PYTEST_RUNS_WAIT_TIMEOUT", "abc")
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["*: PYTEST_RUNS_ON_BUSY must be one of fail, skip, wait, not 'maybe'"])
     # The value in error is named by where it came from: the environment, not the option.
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=wait")
+    result = pytester.runpytest("--runs-machine=rig-1", "--runs-on-busy=wait")
     assert result.ret == 4
     result.stderr.fnmatch_lines(["ERROR: pytest-runs: PYTEST_RUNS_WAIT_TIMEOUT must be a number of seconds, not 'abc'"])
 
@@ -335,7 +335,7 @@ def test_state_dir_that_cannot_be_created(pytester: pytest.Pytester, tmp_path: P
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", f"--runs-state-dir={blocker}/state")
+    result = pytester.runpytest("--runs-machine=rig-1", f"--runs-state-dir={blocker}/state")
     assert result.ret == 4
     result.stderr.fnmatch_lines([f"ERROR: pytest-runs: cannot create state dir {blocker}/state: *"])
     assert "Traceback" not in result.stderr.str()
@@ -346,7 +346,7 @@ def test_corrupt_or_newer_state_file(pytester: pytest.Pytester, state_dir: Path,
     state_dir.mkdir()
     (state_dir / "runs.json").write_bytes(content)
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == 4
     result.stderr.fnmatch_lines([f"ERROR: pytest-runs: state file {state_dir}/runs.json *"])
     assert "Traceback" not in result.stderr.str()
@@ -359,7 +359,7 @@ def test_corrupt_or_newer_state_file(pytester: pytest.Pytester, state_dir: Path,
 def test_busy_fail(pytester: pytest.Pytester, state_dir: Path) -> None:
     holder = occupy(state_dir)
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == EXIT_BUSY
     busy = f"Exit: pytest-runs: machine rig-1 is busy with run {holder.id} (running, hash ffffffffffff, held for *s*)"
     result.stderr.fnmatch_lines([busy])
@@ -373,7 +373,7 @@ def test_a_reservation_for_other_tests_is_busy(pytester: pytest.Pytester, state_
     store = Store(state_dir)
     reservation, _ = store.prepare_atomic("rig-1", "e" * 64, lambda: Run(test_dir="/other"))
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == EXIT_BUSY
     result.stderr.fnmatch_lines([f"*busy with run {reservation.id} (pending, hash eeeeeeeeeeee, held for *"])
     assert runs_in(state_dir) == [reservation]
@@ -383,7 +383,7 @@ def test_same_tests_already_running_is_busy_too(pytester: pytest.Pytester, state
     pytester.makepyfile(PASSING)
     ignore_pytester_files(pytester)
     holder = occupy(state_dir, test_dir_hash=the_hash(pytester, state_dir))
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == EXIT_BUSY
     result.stderr.fnmatch_lines([f"*busy with run {holder.id} (running, *) (the same tests)"])
 
@@ -391,7 +391,7 @@ def test_same_tests_already_running_is_busy_too(pytester: pytest.Pytester, state
 def test_busy_skip(pytester: pytest.Pytester, state_dir: Path) -> None:
     holder = occupy(state_dir)
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=skip", "-rs")
+    result = pytester.runpytest("--runs-machine=rig-1", "--runs-on-busy=skip", "-rs")
     assert result.ret == 0
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines([f"SKIPPED * pytest-runs: machine rig-1 is busy with run {holder.id} *"])
@@ -401,7 +401,7 @@ def test_busy_skip(pytester: pytest.Pytester, state_dir: Path) -> None:
 def test_busy_wait_gives_up_as_fail(pytester: pytest.Pytester, state_dir: Path) -> None:
     holder = occupy(state_dir)
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=1")
+    result = pytester.runpytest("--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=1")
     assert result.ret == EXIT_BUSY
     result.stdout.fnmatch_lines([f"pytest-runs: machine rig-1 is busy with run {holder.id} *; waiting 0s of 1s"])
     result.stderr.fnmatch_lines(["Exit: *busy with run*; gave up after waiting *s"])
@@ -429,7 +429,7 @@ def test_busy_wait_proceeds_once_the_machine_is_free(pytester: pytest.Pytester, 
 
     releaser = threading.Thread(target=free_later)
     releaser.start()
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=120")
+    result = pytester.runpytest("--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=120")
     releaser.join()
     assert result.ret == 0
     old, new = runs_in(state_dir)
@@ -446,7 +446,7 @@ def test_reserve_then_claim(pytester: pytest.Pytester, state_dir: Path) -> None:
         "rig-1", the_hash(pytester, state_dir), lambda: Run(test_dir=str(pytester.path), batch_id="b1")
     )
     assert outcome is PrepareOutcome.CREATED
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1")
+    result = pytester.runpytest("--runs-machine=rig-1")
     assert result.ret == 0
     run = only_run(state_dir)
     assert run.id == reserved.id
@@ -470,7 +470,7 @@ def test_xdist_one_run_owned_by_the_controller(pytester: pytest.Pytester, state_
             (runs_artifacts_dir / f"{worker}-{n}").write_text(runs_run.id)
         """
     )
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "-n", "2", "-p", "xdist")
+    result = pytester.runpytest("--runs-machine=rig-1", "-n", "2", "-p", "xdist")
     assert result.ret == 0
     run = only_run(state_dir)
     assert run.status is Status.COMPLETED
@@ -498,8 +498,8 @@ def test_fence_and_run_id_reach_the_tests_and_their_processes(pytester: pytest.P
             (runs_artifacts_dir / f"seen-{n}").write_text(os.environ["PYTEST_RUNS_FENCE"])
         """
     )
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1").ret == 0
-    assert pytester.runpytest_subprocess("--runs-machine=rig-1", "-n", "2", "-p", "xdist").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1").ret == 0
+    assert pytester.runpytest("--runs-machine=rig-1", "-n", "2", "-p", "xdist").ret == 0
     first, second = runs_in(state_dir)
     assert (first.fence, second.fence) == (1, 2)
     for run in (first, second):
@@ -511,7 +511,7 @@ def test_fence_and_run_id_reach_the_tests_and_their_processes(pytester: pytest.P
 def test_xdist_busy_skip_reaches_workers(pytester: pytest.Pytester, state_dir: Path) -> None:
     occupy(state_dir)
     pytester.makepyfile(PASSING)
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-on-busy=skip", "-n", "2", "-p", "xdist")
+    result = pytester.runpytest("--runs-machine=rig-1", "--runs-on-busy=skip", "-n", "2", "-p", "xdist")
     assert result.ret == 0
     result.assert_outcomes(skipped=2)
 
@@ -576,7 +576,7 @@ def test_pytest_timeout_session_timeout(pytester: pytest.Pytester, state_dir: Pa
     pytester.makepyfile(
         "import time, pytest\n@pytest.mark.parametrize('n', range(20))\ndef test_t(n): time.sleep(0.3)\n"
     )
-    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--session-timeout=1")
+    result = pytester.runpytest("--runs-machine=rig-1", "--session-timeout=1")
     assert result.ret != 0
     run = only_run(state_dir)
     assert (run.status, run.error_code) == (Status.TIMEOUT, "session_timeout")
