@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,14 +70,15 @@ class TrackedSession:
             grace=settings.grace, force=self._force_end, say=self._say, interrupted_status=EXIT_INTERRUPTED
         )
         self._ending = threading.Lock()
-        self._heartbeat_stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
-        self._deadline: threading.Timer | None = None
+        # Everything the session holds, let go in reverse order by pytest_unconfigure.
+        self._teardown = contextlib.ExitStack()
+        # Stopped (before the end is recorded) by _stop_threads.
+        self._threads = contextlib.ExitStack()
         self._say_fd: int | None = None
         self._log: RunLog | None = None
         self._started = time.monotonic()
-        self._saved_env: dict[str, str | None] = {}
         self._refused = False
+        self._beat_failing = False
 
     # -- session start ----------------------------------------------------------------
 
@@ -87,12 +88,15 @@ class TrackedSession:
         # Capturing is suspended during sessionstart: this is the real stderr, where the
         # heartbeat and the watchdog can speak at once even while a test's output is captured.
         self._say_fd = os.dup(2)
-        os.set_inheritable(self._say_fd, False)
+        self._teardown.callback(self._close_say_fd)
         self.stopper.install()
+        self._teardown.callback(self.stopper.uninstall)
+        self._teardown.callback(self.stopper.disarm)
         settings = self.settings
         try:
             self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout)
             self.liveness = self.store.liveness_lock()
+            self._teardown.callback(self.liveness.release)
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
             test_dir_hash = hash_test_dir(self.test_dir, self.hash_ignore, exclude=self._generated_dirs())
             self._prepare(self.store, test_dir_hash)
@@ -229,50 +233,48 @@ class TrackedSession:
         # For the tests and everything they start (xdist workers start after this hook).
         self._set_env(RUN_ID_ENV, self.run.id)
         self._set_env(FENCE_ENV, str(self.run.fence) if self.run.fence is not None else None)
-        self._heartbeat = threading.Thread(target=self._beat, name="pytest-runs-heartbeat", daemon=True)
-        self._heartbeat.start()
+        self._threads.enter_context(Heartbeat(self.settings.heartbeat, self._beat))
         if self.settings.timeout is not None:
-            self._deadline = threading.Timer(self.settings.timeout, self._on_deadline)
-            self._deadline.daemon = True
-            self._deadline.start()
+            self._threads.enter_context(Deadline(self.settings.timeout, self._on_deadline))
+        self._teardown.callback(self._threads.close)
 
     def _set_env(self, name: str, value: str | None) -> None:
-        self._saved_env.setdefault(name, os.environ.get(name))
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+        self._teardown.enter_context(_environment_variable(name, value))
+
+    def _close_say_fd(self) -> None:
+        if self._say_fd is not None:
+            os.close(self._say_fd)
+            self._say_fd = None
 
     def _on_deadline(self) -> None:
         reason = f"session passed its deadline (--runs-timeout={self.settings.timeout:g}s)"
         self.stopper.stop(StopKind.TIMEOUT, reason, EXIT_INTERRUPTED)
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
+        """One heartbeat: True to go on, False once the machine is lost."""
         assert self.run is not None and self.store is not None
-        failing = False
-        while not self._heartbeat_stop.wait(self.settings.heartbeat):
-            try:
-                self.store.heartbeat(self.run.id, self.owner)
-                failing = False
-                continue
-            except RunEnded as ended:
-                self.ended_elsewhere = ended.run
-                reason = (
-                    f"run {ended.run.id} was ended by someone else ({ended.run.status.value}, "
-                    f"{ended.run.error_code}: {ended.run.error_msg})"
-                )
-            except InvalidTransition as error:
-                reason = str(error)
-            except RunNotFound:
-                reason = f"run {self.run.id} is gone from the store {self.store.state_dir}"
-            except StateError as error:
-                # The store cannot tell now: that is not proof of a lost machine. Say so once a streak.
-                if not failing:
-                    self._say(f"pytest-runs: WARNING: heartbeat of run {self.run.id} failed: {error}")
-                failing = True
-                continue
-            self._lose_machine(reason)
-            return
+        try:
+            self.store.heartbeat(self.run.id, self.owner)
+            self._beat_failing = False
+            return True
+        except RunEnded as ended:
+            self.ended_elsewhere = ended.run
+            reason = (
+                f"run {ended.run.id} was ended by someone else ({ended.run.status.value}, "
+                f"{ended.run.error_code}: {ended.run.error_msg})"
+            )
+        except InvalidTransition as error:
+            reason = str(error)
+        except RunNotFound:
+            reason = f"run {self.run.id} is gone from the store {self.store.state_dir}"
+        except StateError as error:
+            # The store cannot tell now: that is not proof of a lost machine. Say so once a streak.
+            if not self._beat_failing:
+                self._say(f"pytest-runs: WARNING: heartbeat of run {self.run.id} failed: {error}")
+            self._beat_failing = True
+            return True
+        self._lose_machine(reason)
+        return False
 
     def _lose_machine(self, reason: str) -> None:
         if self.stopper.stop(StopKind.LOST, f"lost machine {self.settings.machine}: {reason}", EXIT_MACHINE_LOST):
@@ -372,26 +374,10 @@ class TrackedSession:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             self._summarise(reporter)
-        self._stop_threads()
-        if self.liveness is not None:
-            self.liveness.release()
-        self.stopper.disarm()
-        self.stopper.uninstall()
-        for name, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        if self._say_fd is not None:
-            os.close(self._say_fd)
-            self._say_fd = None
+        self._teardown.close()
 
     def _stop_threads(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._heartbeat_stop.set()
-        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
-            self._heartbeat.join()
+        self._threads.close()
 
     def _finish(self, exitstatus: int, request: StopRequest | None) -> None:
         """Record how the session ended (``request``: the stop asked for before the end, if any)."""
@@ -517,6 +503,61 @@ class TrackedSession:
             f"pytest-runs: run {run.id} on {run.machine}: {run.status.value}"
             f" (artifacts {run.artifacts_path}, log {run.logs_path})"
         )
+
+
+class Heartbeat:
+    """Calls ``beat`` every ``interval`` seconds on its own thread until it returns False or the context exits."""
+
+    def __init__(self, interval: float, beat: Callable[[], bool]) -> None:
+        self._interval = interval
+        self._beat = beat
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pytest-runs-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval) and self._beat():
+            pass
+
+
+class Deadline:
+    """Calls ``expire`` once ``seconds`` from entering, unless the context exits first."""
+
+    def __init__(self, seconds: float, expire: Callable[[], object]) -> None:
+        self._timer = threading.Timer(seconds, expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+
+@contextlib.contextmanager
+def _environment_variable(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (unset for ``None``) in ``os.environ`` for the context."""
+    saved = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 _SUMMARY_ORDER = ("failed", "passed", "skipped", "xfailed", "xpassed", "error")
