@@ -194,3 +194,25 @@ def test_terminal_runs_are_never_stale(tmp_path: Path) -> None:
     run = owned("1" * 32, boot="x", heartbeat=NOW - timedelta(days=9))
     run.status = Status.COMPLETED
     assert stale_reason(run, NOW, BOOT, tmp_path) is None
+
+
+def test_prune_removes_the_lock_files_of_killed_waiters_only(
+    tmp_path: Path, holders: list[subprocess.Popen[str]]
+) -> None:
+    from pytest_runs import Store
+
+    store = Store(tmp_path / "state")
+    store.create(Run(machine="rig-1", test_dir_hash="h"))
+    killed, dead_token = hold(store.state_dir, holders)
+    killed.kill()
+    killed.wait()
+    _, live_token = hold(store.state_dir, holders)
+    active = store.create(Run(machine="rig-2", test_dir_hash="h", owner_token="2" * 32))
+    lock_path(store.state_dir, "2" * 32).write_text("")  # named by an active run: kept whatever its state
+    long_ago = NOW.timestamp() - 3600
+    for token in (dead_token, live_token, "2" * 32):
+        os.utime(lock_path(store.state_dir, token), (long_ago, long_ago))
+    store.prune(keep=0)
+    assert not lock_path(store.state_dir, dead_token).exists()
+    assert lock_path(store.state_dir, live_token).exists()
+    assert lock_path(store.state_dir, "2" * 32).exists() and store.get(active.id).owner_token == "2" * 32
