@@ -402,9 +402,9 @@ class Store:
                 token = path.name.removesuffix(".lock")
                 # Not named by an active run, older than a minute (never one being taken), and free.
                 with contextlib.suppress(OSError):
-                    if token not in named and _utcnow().timestamp() - path.lstat().st_mtime > 60:
-                        if liveness.probe(self.state_dir, token) is False:
-                            path.unlink()
+                    old = _utcnow().timestamp() - path.lstat().st_mtime > 60
+                    if token not in named and old and liveness.probe(self.state_dir, token) is False:
+                        path.unlink()
 
     def run_dir(self, run_id: str) -> Path:
         """The folder that holds a run's log and artifacts: ``<state_dir>/runs/<id>``.
