@@ -41,6 +41,8 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+#: 128 + SIGPIPE, as a Unix tool killed by a closed pipe ends.
+EXIT_BROKEN_PIPE = 141
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -209,7 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), EXIT_USAGE)
     try:
         store = Store(resolve_state_dir(args.state_dir), lock_timeout=lock_timeout)
-        return int(_COMMANDS[args.command](store, args))
+        code = int(_COMMANDS[args.command](store, args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`pytest-runs list | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except _Failure as failure:
         return _fail(str(failure), failure.code)
     except (StateError, RunNotFound, RunEnded) as error:

@@ -392,3 +392,39 @@ def test_console_script_and_module_agree(store: Store) -> None:
     )
     assert json.loads(by_script.stdout) == json.loads(by_module.stdout)
     assert len(json.loads(by_script.stdout)) == 1
+
+
+# -- what a person sees -------------------------------------------------------------------
+
+
+def test_machines_names_the_holders_host_and_ci_job(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    run = store.create(
+        Run(machine="rig-1", test_dir_hash="h", owner_host="ci-7", owner_pid=4242, owner_ci_url="https://ci/jobs/9")
+    )
+    store.start(run.id)
+    code, out, _ = run_cli(capsys, "machines")
+    assert code == 0
+    assert f"{run.id} (running, " in out and "host ci-7 PID 4242" in out and "https://ci/jobs/9" in out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(store: Store, state_dir: Path) -> None:
+    for n in range(300):
+        store.create(Run(machine=f"rig-{n % 5}", test_dir_hash=f"{n:064x}"))
+    result = subprocess.run(
+        f"{sys.executable} -m pytest_runs --state-dir {state_dir} list --json | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout == "[\n"
+    assert result.stderr == "", "no BrokenPipeError traceback"
+
+
+def test_an_environment_value_out_of_range_is_one_line(
+    state_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTEST_RUNS_LEASE", "1e300")
+    code, _, err = run_cli(capsys, "machines")
+    assert code == 2
+    assert err == "pytest-runs: PYTEST_RUNS_LEASE must be at most 315360000 seconds (ten years), not '1e300'\n"
