@@ -79,6 +79,7 @@ class TrackedSession:
         self._started = time.monotonic()
         self._refused = False
         self._beat_failing = False
+        self._end_tried = False
 
     # -- session start ----------------------------------------------------------------
 
@@ -366,7 +367,7 @@ class TrackedSession:
             if reporter is not None and getattr(reporter, "_keyboardinterrupt_memo", None) is not None:
                 reporter._keyboardinterrupt_memo = None
         # pytest skips sessionfinish when a later plugin's sessionstart fails.
-        if self.run is not None and self.final is None:
+        if self.run is not None and self.final is None and not self._end_tried:
             status = getattr(self.session, "exitstatus", None)
             self._finish(
                 int(status) if status is not None else int(pytest.ExitCode.INTERNAL_ERROR), self.stopper.request
@@ -384,6 +385,7 @@ class TrackedSession:
         self._stop_threads()
         if self.run is None or self.store is None or self.final is not None:
             return
+        self._end_tried = True
         summary = self._summary()
         status, error_code, error_msg = self._outcome(exitstatus, request, summary["text"])
         self._record_end(status, exitstatus, error_code, error_msg, summary)
@@ -499,6 +501,14 @@ class TrackedSession:
                 f"({run.status.value}, {run.error_code}: {run.error_msg}); its record was left as it is",
                 yellow=True,
             )
+        if self.final is None:
+            terminalreporter.write_line(
+                f"pytest-runs: run {run.id} on {run.machine}: its end could not be recorded; the next session "
+                f"on {run.machine} will find its owner gone and end it (artifacts {run.artifacts_path}, "
+                f"log {run.logs_path})",
+                yellow=True,
+            )
+            return
         terminalreporter.write_line(
             f"pytest-runs: run {run.id} on {run.machine}: {run.status.value}"
             f" (artifacts {run.artifacts_path}, log {run.logs_path})"

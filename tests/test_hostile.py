@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +239,57 @@ def test_looking_at_a_store_that_does_not_exist_creates_nothing(
         assert main(["--state-dir", str(state), *command]) == 0
     assert main(["--state-dir", str(state), "show", "nope"]) == 1
     assert not state.exists()
+
+
+FILLS_THE_DISK = """
+import os
+
+def test_one():
+    pass
+
+def test_fills_the_disk():
+    with open(os.environ["FILLER"], "wb") as filler:
+        try:
+            while True:
+                filler.write(b"x" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+def test_fails():
+    assert 0
+
+def test_after():
+    pass
+"""
+
+
+def test_a_disk_that_fills_during_the_session(tmp_path: Path) -> None:
+    """A real full disk: the state dir on a 1 MiB tmpfs, in a mount namespace of its own."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a small tmpfs")
+    state, project = tmp_path / "state", tmp_path / "project"
+    state.mkdir(mode=0o700)
+    project.mkdir()
+    (project / "test_fill.py").write_text(FILLS_THE_DISK)
+    pytest_command = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1",
+        f"--runs-state-dir={state}", "--runs-heartbeat=0.2",
+    ]  # fmt: skip
+    script = f"mount -t tmpfs -o size=1m,mode=0700 tmpfs {state} && exec {shlex.join(pytest_command)}"
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        cwd=project,
+        env={**os.environ, "FILLER": str(state / "filler")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "mount:" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "1 failed, 3 passed" in result.stdout, "every test ran, as without tracking"
+    assert "INTERNALERROR" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("could not record the end of run") == 1
+    assert "No space left on device" in result.stderr
+    assert "its end could not be recorded" in result.stdout
