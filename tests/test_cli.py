@@ -428,3 +428,19 @@ def test_an_environment_value_out_of_range_is_one_line(
     code, _, err = run_cli(capsys, "machines")
     assert code == 2
     assert err == "pytest-runs: PYTEST_RUNS_LEASE must be at most 315360000 seconds (ten years), not '1e300'\n"
+
+
+def test_the_command_does_not_import_pytest() -> None:
+    code = "import sys, pytest_runs.cli; sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr == "[]\n"
+
+
+def test_reserve_a_folder_whose_path_is_not_utf8(
+    state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    (folder / "test_it.py").write_text("def test_it(): pass\n")
+    data = json_out(capsys, "reserve", "--machine", "rig-1", "--test-dir", str(folder))
+    assert data["test_dir"] == str(folder)
+    assert Store(state_dir).get(data["id"]).test_dir == str(folder)
