@@ -431,7 +431,10 @@ def test_an_environment_value_out_of_range_is_one_line(
 
 
 def test_the_command_does_not_import_pytest() -> None:
-    code = "import sys, pytest_runs.cli; sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+    code = (
+        "import sys, pytest_runs.cli\n"
+        "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr == "[]\n"
 
 
