@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -260,10 +260,7 @@ class TrackedSession:
             return True
         except RunEnded as ended:
             self.ended_elsewhere = ended.run
-            reason = (
-                f"run {ended.run.id} was ended by someone else ({ended.run.status.value}, "
-                f"{ended.run.error_code}: {ended.run.error_msg})"
-            )
+            reason = f"run {ended.run.id} was ended by someone else ({ended.run.status.value}, {ended.run.error_msg})"
         except InvalidTransition as error:
             reason = str(error)
         except RunNotFound:
@@ -354,9 +351,21 @@ class TrackedSession:
             status = EXIT_MACHINE_LOST
         elif request is not None and status == pytest.ExitCode.OK:
             status = EXIT_INTERRUPTED  # a stop was asked for: never a success
+        self._finish(status, request)
+        if self.ended_elsewhere is not None:
+            # Released or reclaimed before the end was recorded, though no heartbeat saw it in time.
+            status = EXIT_MACHINE_LOST
         if status != int(exitstatus):
             session.exitstatus = status
-        self._finish(status, request)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
+        try:
+            return (yield)
+        finally:
+            # No test runs any more: a stop asked for from now on is noted, never raised into
+            # pytest's own shutdown (the watchdog still ends a session that hangs).
+            self.stopper.ending()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
@@ -489,17 +498,16 @@ class TrackedSession:
         if run is None:
             return
         request = self.stopper.request
-        if request is not None and request.kind is StopKind.LOST:
-            terminalreporter.write_line(
-                f"pytest-runs: this session lost machine {run.machine} while it ran and stopped "
-                f"(exit status {EXIT_MACHINE_LOST}): {request.reason}; run {run.id} was left as it is",
-                red=True,
+        if self.ended_elsewhere is not None or (request is not None and request.kind is StopKind.LOST):
+            why = (
+                request.reason
+                if request is not None and request.kind is StopKind.LOST
+                else (f"run {run.id} was ended by someone else ({run.status.value}, {run.error_msg})")
             )
-        elif self.ended_elsewhere is not None:
             terminalreporter.write_line(
-                f"pytest-runs: run {run.id} was ended by someone else while this session ran "
-                f"({run.status.value}, {run.error_code}: {run.error_msg}); its record was left as it is",
-                yellow=True,
+                f"pytest-runs: this session lost machine {run.machine} while it ran "
+                f"(exit status {EXIT_MACHINE_LOST}): {why}; run {run.id} was left as it is",
+                red=True,
             )
         if self.final is None:
             terminalreporter.write_line(

@@ -27,7 +27,10 @@ HOLD = """
 import os, pathlib, time
 
 def test_hold():
-    pathlib.Path(os.environ["STARTED_MARKER"]).write_text(str(os.getpid()))
+    marker = pathlib.Path(os.environ["STARTED_MARKER"])
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(str(os.getpid()))
+    partial.rename(marker)  # whoever sees the marker can read the PID in it
     release = pathlib.Path(os.environ["RELEASE_FILE"])
     deadline = time.monotonic() + 120
     while not release.exists() and time.monotonic() < deadline:
@@ -44,9 +47,9 @@ _IN_NAMESPACE = 'if [ -n "$1" ]; then hostname "$1" || exit 111; fi; shift; "$@"
 
 
 def make_project(folder: Path, source: str = HOLD) -> Path:
-    """A test folder of its own (its ini file makes it the identity of its runs)."""
+    """A test folder of its own: its ini file makes it the identity of its runs, its name makes its hash its own."""
     folder.mkdir(parents=True)
-    (folder / "pytest.ini").write_text("[pytest]\n")
+    (folder / "pytest.ini").write_text(f"# the tests of {folder.name}\n[pytest]\n")
     (folder / "test_hold.py").write_text(source)
     return folder
 
@@ -73,13 +76,16 @@ def namespaces_unavailable() -> str | None:
         return "unshare or hostname is not installed"
     try:
         probe = subprocess.run(
-            Namespace("probe-host").wrap(["sh", "-c", "echo $$ $(hostname)"]), capture_output=True, text=True, timeout=30
+            Namespace("probe-host").wrap(["sh", "-c", "echo $$ $(hostname)"]),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.SubprocessError) as error:
         return f"unshare failed: {error}"
     # The shell run by PID 1 of the namespace is PID 2 or 3 there (hostname may have been PID 2).
     words = probe.stdout.split()
-    if probe.returncode != 0 or len(words) != 2 or int(words[0]) > 3 or words[1] != "probe-host":
+    if probe.returncode != 0 or len(words) != 2 or words[0] not in ("2", "3") or words[1] != "probe-host":
         return f"unshare does not give a new PID and UTS namespace here: {probe.stdout!r} {probe.stderr!r}"
     return None
 
@@ -142,12 +148,18 @@ def start(
     env: dict[str, str] | None = None,
     namespace: Namespace | None = None,
     machine: str = "rig-1",
+    released: bool = False,
 ) -> Session:
-    """Start ``pytest --runs-machine=MACHINE ARGS`` on ``project`` with ``state_dir`` as its store."""
+    """Start ``pytest --runs-machine=MACHINE ARGS`` on ``project`` with ``state_dir`` as its store.
+
+    ``released``: the release file exists from the start, so that the test holds nothing.
+    """
     logs = state_dir.parent / "logs"
     logs.mkdir(exist_ok=True)
     out, err = logs / f"{name}.out", logs / f"{name}.err"
     started, release = logs / f"{name}.started", logs / f"{name}.release"
+    if released:
+        release.write_text("go")
     command = [*PYTEST, f"--runs-machine={machine}", *args]
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(

@@ -230,11 +230,29 @@ def test_a_session_released_while_running_stops_and_fails(pytester: pytest.Pytes
     assert process.returncode == EXIT_MACHINE_LOST, (out, err)
     assert f"pytest-runs: ERROR: this session lost machine rig-1: run {run.id} was ended by someone else" in err
     assert "operator took the rig" in err
-    assert f"this session lost machine rig-1 while it ran and stopped (exit status {EXIT_MACHINE_LOST})" in out
+    assert f"this session lost machine rig-1 while it ran (exit status {EXIT_MACHINE_LOST})" in out
     assert not (tmp_path / "s.started.held-to-the-end").exists(), "the test holding the machine was interrupted"
     assert not (tmp_path / "s.started.after").exists(), "no further test starts on a lost machine"
     assert "Traceback" not in err
     assert store.get(run.id) == released, "the session must not overwrite a release"
+
+
+def test_a_session_released_before_its_heartbeat_noticed_still_fails(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """The release lands between two heartbeats and the tests end first: the end finds it, exit 76."""
+    pytester.makepyfile(HOLD)
+    state_dir = tmp_path / "state"
+    process, started, release = session(pytester, state_dir, tmp_path, "s", "--runs-heartbeat=600", "--runs-lease=900")
+    wait_for(started, process)
+    store = Store(state_dir)
+    (run,) = store.list()
+    released = store.release(run.id, "operator took the rig")
+    release.write_text("go")
+    out, err = process.communicate(timeout=100)
+    assert process.returncode == EXIT_MACHINE_LOST, (out, err)
+    assert "1 passed" in out
+    assert f"this session lost machine rig-1 while it ran (exit status {EXIT_MACHINE_LOST})" in out
+    assert "(interrupted, released: operator took the rig)" in out
+    assert store.get(run.id) == released
 
 
 def test_heartbeat_racing_finish_in_many_short_sessions(pytester: pytest.Pytester, tmp_path: Path) -> None:
