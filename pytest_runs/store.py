@@ -480,14 +480,20 @@ class Store:
         where = self.state_dir
         if where.is_dir():
             return
-        if where.exists() or where.is_symlink():
-            raise StateError(f"state dir {where} exists and is not a directory")
         try:
-            where.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # mkdir's mode is filtered through the umask; make it exactly 0700.
-            os.chmod(where, 0o700)
+            where.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as error:
             reason = "a parent is not a directory" if isinstance(error, FileExistsError) else _oserror_text(error)
+            raise StateError(f"cannot create state dir {where}: {reason}") from None
+        try:
+            os.mkdir(where, 0o700)
+            # mkdir's mode is filtered through the umask; make it exactly 0700.
+            os.chmod(where, 0o700)
+        except FileExistsError:
+            if not where.is_dir():  # another thread or process may have made it meanwhile: fine
+                raise StateError(f"state dir {where} exists and is not a directory") from None
+        except OSError as error:
+            reason = "a parent is not a directory" if isinstance(error, NotADirectoryError) else _oserror_text(error)
             raise StateError(f"cannot create state dir {where}: {reason}") from None
 
     @contextlib.contextmanager
