@@ -23,3 +23,5 @@ def _isolated_runs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory
             monkeypatch.delenv(name)
     # Whatever a test forgets to point elsewhere lands in a throwaway folder, never in ~/.local/state.
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
+    # Sessions under test need no hypothesis; its plugin costs each of them a second or more.
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
