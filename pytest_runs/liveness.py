@@ -1,24 +1,31 @@
 """Whether the owner of a run is alive, decided by the kernel where it can be, else by the owner's lease.
 
-An owning session holds, for its whole life, an exclusive POSIX record lock
-(``fcntl``/``lockf``) on a file of its own, ``<state dir>/owners/<token>.lock``, and
-records the token in its run. The kernel drops that lock the moment the process dies,
-however it dies, and keeps it while the process is stopped: so a reader on the same
-kernel (any PID namespace, any container sharing the state dir) asks the lock, never a
-PID or a host name. Record locks, unlike ``flock``, are not inherited by ``fork``: a
-daemon that a test forks cannot keep the machine after its session is gone.
+An owning session holds, for its whole life, an exclusive lock on a file of its own,
+``<state dir>/owners/<token>.lock``, and records the token in its run. The kernel drops
+that lock the moment the process dies, however it dies, and keeps it while the process is
+stopped: so a reader on the same kernel (any PID namespace, any container sharing the
+state dir) asks the lock, never a PID or a host name.
+
+The lock is an open-file-description lock (``F_OFD_SETLK``, Linux), falling back to a
+POSIX record lock elsewhere. An OFD lock is not lost when the process closes some *other*
+descriptor of the file (a test that copies the store), which a POSIX lock would be; it
+would be inherited by ``fork``, so a forked child closes its copy at once
+(``os.register_at_fork``): a daemon a test forks cannot keep the machine.
 
 Guarantees:
 
-- The owner takes its lock before its run records the token, and drops it only after
-  its run is recorded as ended (:class:`LivenessLock` is used that way by the session).
-- A reader never holds what it probes: it asks with a shared lock that it drops at once,
-  and the kernel drops it too if the reader dies mid-probe. A reader in the owner's own
-  process answers from this process's table of held tokens and never opens the file (a
-  POSIX lock is lost when its process closes *any* descriptor of the file).
+- The owner takes its lock before its run records the token, and removes the file only
+  after its run is recorded as ended (:meth:`LivenessLock.release`); on any other way out
+  it only lets go of the lock (:meth:`LivenessLock.drop`), so that the file is there for
+  readers to find free and the run is reclaimed at once.
+- A reader never holds what it probes: it asks with ``F_OFD_GETLK``, which takes nothing
+  (or, without OFD locks, a shared lock it drops at once). A reader in the owner's own
+  process answers from this process's table of held tokens.
 - An owner whose lock cannot be observed (another host, another boot: the boot IDs
   differ) is judged only by its heartbeat against the lease *it* recorded; a reader's own
   settings never judge another's run.
+- Only the process that took a lock removes its file: a forked child that runs on into
+  pytest's own shutdown cannot give the machine away.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import re
 import secrets
 import stat
+import struct
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,9 +53,56 @@ OWNERS_DIR_NAME = "owners"
 
 _TOKEN = re.compile(r"^[0-9a-f]{32}$")
 # Tokens whose lock this process holds: a probe from inside the owner's own process
-# must not open (and then close) the file, which would drop the owner's POSIX lock.
+# answers from here (and, without OFD locks, must not close a descriptor of the file).
 _held_here: set[str] = set()
+_held_locks: list[LivenessLock] = []
 _held_guard = threading.Lock()
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
+
+
+def _flock_struct(kind: int) -> bytes:
+    # struct flock {short l_type, l_whence; off_t l_start, l_len; pid_t l_pid;} on 64-bit Linux;
+    # whole file (start 0, length 0), l_pid 0 as OFD locks require.
+    return struct.pack("@hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+
+
+def _lock_exclusively(fd: int) -> None:
+    if _OFD_SETLK is not None:
+        try:
+            fcntl.fcntl(fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+            return
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # EINVAL: no OFD locks on this kernel or file system
+                raise
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _is_locked(fd: int) -> bool:
+    if _OFD_GETLK is not None:
+        try:
+            answer = fcntl.fcntl(fd, _OFD_GETLK, _flock_struct(fcntl.F_WRLCK))
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+        else:
+            kind: int = struct.unpack("@hhqqi4x", answer)[0]
+            return kind != fcntl.F_UNLCK
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            return True
+        raise
+    return False  # the shared lock just taken goes with the descriptor
+
+
+def _forget_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock descriptors, forget its tokens."""
+    for lock in _held_locks:
+        lock._forget()
+    _held_locks.clear()
+    _held_here.clear()
 
 
 def lock_path(state_dir: Path, token: str) -> Path:
@@ -65,6 +120,8 @@ class LivenessLock:
         self.token = secrets.token_hex(16)
         self.path = lock_path(state_dir, self.token)
         self._fd: int | None = None
+        self._pid = os.getpid()
+        self._identity: tuple[int, int] | None = None
 
     def acquire(self) -> None:
         """Create the lock file (0600, never following symlinks) and lock it; ``OSError`` if that fails."""
@@ -75,31 +132,80 @@ class LivenessLock:
             raise OSError(errno.ENOTDIR, f"{folder} is not a folder")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusively(fd)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             raise
+        info = os.fstat(fd)
         with _held_guard:
             _held_here.add(self.token)
-        self._fd = fd
+            _held_locks.append(self)
+        self._fd, self._pid, self._identity = fd, os.getpid(), (info.st_dev, info.st_ino)
 
     @property
     def held(self) -> bool:
-        """True between a successful :meth:`acquire` and :meth:`release`."""
+        """True between a successful :meth:`acquire` and :meth:`release` or :meth:`drop`."""
         return self._fd is not None
 
+    def still_held(self) -> bool:
+        """Check, and mend where it can, that the lock is still this process's.
+
+        Code under test may close every descriptor (``os.closerange``): that drops the lock.
+        This notices (the descriptor is gone or now names another file) and takes the lock
+        again on the same file. Returns False if it could not; the caller must then assume
+        that a reader may have seen the owner as gone.
+        """
+        if self._fd is None or os.getpid() != self._pid:
+            return False
+        try:
+            info = os.fstat(self._fd)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return True
+        except OSError:
+            pass
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            _lock_exclusively(fd)
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd, self._identity = fd, (info.st_dev, info.st_ino)
+        return True
+
     def release(self) -> None:
-        """Remove the file, then drop the lock. Call only once the run is recorded as ended."""
-        if self._fd is None:
+        """Remove the file, then let go of the lock. Call only once the run is recorded as ended."""
+        if self._fd is None or os.getpid() != self._pid:
             return
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        self.drop()
+
+    def drop(self) -> None:
+        """Let go of the lock but leave the file, so that a run naming it is seen as owner-less at once."""
+        if self._fd is None or os.getpid() != self._pid:
+            return
         with _held_guard:
             _held_here.discard(self.token)
-        os.close(self._fd)
+            if self in _held_locks:
+                _held_locks.remove(self)
+        with contextlib.suppress(OSError):  # code under test may have closed it already
+            os.close(self._fd)
         self._fd = None
+
+    def _forget(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+os.register_at_fork(after_in_child=_forget_inherited_locks)
 
 
 def probe(state_dir: Path, token: str) -> bool | None:
@@ -122,15 +228,11 @@ def probe(state_dir: Path, token: str) -> bool | None:
     except OSError:
         return None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno in (errno.EACCES, errno.EAGAIN):
-            return True
-        raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return _is_locked(fd)
     finally:
-        # Closing drops the shared lock this probe may have taken.
         os.close(fd)
-    return False
 
 
 def observable(run: Run, boot_id: str) -> bool:

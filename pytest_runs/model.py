@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -105,6 +104,8 @@ OPTIONAL_KEYS = frozenset(
         "summary",
     }
 )
+# Ten years: longer leases overflow date arithmetic, and no owner needs one.
+_MAX_LEASE = 10 * 365 * 86400.0
 _TIMESTAMP_KEYS = frozenset({"started_at", "ended_at", "heartbeat_at"})
 _OPTIONAL_INT_KEYS = frozenset({"exit_code", "owner_pid", "fence"})
 
@@ -222,8 +223,8 @@ def _decode(key: str, value: Any) -> Any:
     if key == "owner_lease":
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"owner_lease must be a positive number of seconds or null, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= _MAX_LEASE:
+            raise ValueError(f"owner_lease must be a number of seconds from 0 to ten years, or null, not {value!r}")
         return float(value)
     if key == "summary":
         if value is not None and not isinstance(value, dict):

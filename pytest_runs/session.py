@@ -97,17 +97,31 @@ class TrackedSession:
         try:
             self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout)
             self.liveness = self.store.liveness_lock()
-            self._teardown.callback(self.liveness.release)
+            self._teardown.callback(self._let_go)
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
             test_dir_hash = hash_test_dir(self.test_dir, self.hash_ignore, exclude=self._generated_dirs())
             self._prepare(self.store, test_dir_hash)
-        except (StateError, HashError) as error:
-            raise pytest.UsageError(f"pytest-runs: {error}") from None
-        finally:
+        except BaseException as error:
             if self.run is None and self.liveness is not None:
-                self.liveness.release()
+                # Interrupted or failed, perhaps after a run was created in our name: leave the
+                # lock file for readers to find free, so that such a run is reclaimed at once.
+                self.liveness.drop()
+            if isinstance(error, StateError | HashError):
+                raise pytest.UsageError(f"pytest-runs: {error}") from None
+            raise
         if self.run is not None:
             self._begin()
+        elif self.liveness is not None:
+            self.liveness.release()  # skipped: no run names this session
+
+    def _let_go(self) -> None:
+        """The liveness lock's last act: remove its file only if no unended run of ours names it."""
+        if self.liveness is None:
+            return
+        if self.run is None or self.final is not None:
+            self.liveness.release()
+        else:
+            self.liveness.drop()
 
     def _generated_dirs(self) -> list[Path]:
         """Folders that sessions write into, which must not change the identity of the tests."""
@@ -186,6 +200,8 @@ class TrackedSession:
     def _refuse(self, message: str) -> NoReturn:
         """No test runs: exit with :data:`EXIT_BUSY`, saying why once."""
         self._refused = True
+        if self.liveness is not None:
+            self.liveness.release()  # busy or locked out: no run was created in our name
         pytest.exit(message, returncode=EXIT_BUSY)
 
     def _give_up(self, store: Store, run: Run, error: StateError) -> None:
@@ -254,6 +270,8 @@ class TrackedSession:
     def _beat(self) -> bool:
         """One heartbeat: True to go on, False once the machine is lost."""
         assert self.run is not None and self.store is not None
+        if self.liveness is not None and not self.liveness.still_held():
+            self._say(f"pytest-runs: WARNING: run {self.run.id} lost its liveness lock and cannot take it again")
         try:
             self.store.heartbeat(self.run.id, self.owner)
             self._beat_failing = False
@@ -344,6 +362,8 @@ class TrackedSession:
     # Last, so that xdist has stopped its workers before the machine is given back.
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if os.getpid() != self.owner.pid:
+            return  # a child a test forked, run on into pytest's shutdown: the run is not its own
         self.stopper.ending()
         status = int(exitstatus)
         request = self.stopper.request
@@ -369,6 +389,8 @@ class TrackedSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if os.getpid() != self.owner.pid:
+            return
         self.stopper.ending()
         if self._refused:
             # pytest already said "Exit: <why>"; its terminal would repeat it as "! Exit: <why> !".
@@ -410,8 +432,7 @@ class TrackedSession:
             self._log.close()
             self._log = None
         # Only now, with the end on record, may another session see this one as gone.
-        if self.liveness is not None:
-            self.liveness.release()
+        self._let_go()
 
     def _summary(self) -> dict[str, Any]:
         """pytest's counts as on its final line, and how long the session ran."""
@@ -463,8 +484,7 @@ class TrackedSession:
             status = Status.TIMEOUT if request.kind is StopKind.TIMEOUT else Status.INTERRUPTED
             forced = f"{request.reason}; ended by force after a grace of {self.settings.grace:g}s"
             self._record_end(status, request.exit_status, status.value, forced, self._summary())
-        if self.liveness is not None:
-            self.liveness.release()
+        self._let_go()
         run = self.final or self.run
         self._say(f"pytest-runs: run {run.id} on {run.machine}: {run.status.value} (exit status {request.exit_status})")
 

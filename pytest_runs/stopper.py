@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["StopKind", "StopRequest", "Stopper", "descendants"]
+__all__ = ["StopKind", "StopRequest", "Stopper", "children", "descendants"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -102,6 +102,11 @@ class Stopper:
         if not self._record(StopRequest(kind, reason, exit_status)):
             return False
         self._interrupt_main()
+        # Nobody else signals them: stop the session's children too (xdist workers start no
+        # further test; a test's own subprocesses end with it).
+        for child in children(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGINT)
         return True
 
     def disarm(self) -> None:
@@ -160,10 +165,13 @@ class Stopper:
             return  # ignored before us (SIGINT in a background job): it stays ignored
         name = signal.Signals(signum).name
         if not self._record(StopRequest(StopKind.INTERRUPTED, f"interrupted by {name}", self._interrupted_status)):
-            self._say(
-                f"pytest-runs: {name} received while stopping ({self._request.reason if self._request else ''}); "
-                f"the session ends within {self.grace:g}s"
-            )
+            if self._ending:
+                self._say(
+                    f"pytest-runs: {name} received while the session records its end; it ends within {self.grace:g}s"
+                )
+            else:
+                reason = self._request.reason if self._request else ""
+                self._say(f"pytest-runs: {name} received while stopping ({reason}); it ends within {self.grace:g}s")
             return
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)  # a handler of the user's: let it decide, the watchdog is armed
@@ -206,13 +214,30 @@ def _flush_streams() -> None:
             stream.flush()
 
 
+def children(pid: int) -> list[int]:
+    """The live children of process ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    return _process_tree().get(pid, [])
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of process ``pid`` (Linux ``/proc``; empty elsewhere), children first."""
+    parents = _process_tree()
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        kids = parents.get(frontier.pop(), [])
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _process_tree() -> dict[int, list[int]]:
+    """Each process's children, by parent PID."""
     parents: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return []
+        return {}
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -224,10 +249,4 @@ def descendants(pid: int) -> list[int]:
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 1 and fields[1].isdigit():
             parents.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        children = parents.get(frontier.pop(), [])
-        found.extend(children)
-        frontier.extend(children)
-    return found
+    return parents

@@ -535,7 +535,7 @@ class Store:
         else:
             who = f" by PID {', '.join(map(str, holders))}" if holders else ""
         return StoreLocked(
-            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:g}s; "
+            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:.3g}s; "
             "if that process is stuck, stop it",
             holders,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +29,13 @@ HOLDER = textwrap.dedent(
     lock = LivenessLock(Path(sys.argv[1]))
     lock.acquire()
     if sys.argv[2] == "fork-a-daemon":
+        ready = Path(sys.argv[1], "child-ready")
         if os.fork() == 0:  # a long-lived child, as a test might leave behind
+            ready.touch()  # past the fork handlers that close the child's copy of the lock
             time.sleep(120)
             os._exit(0)
+        while not ready.exists():
+            time.sleep(0.01)
     print(lock.token, flush=True)
     time.sleep(120)
     """
@@ -216,3 +221,59 @@ def test_prune_removes_the_lock_files_of_killed_waiters_only(
     assert not lock_path(store.state_dir, dead_token).exists()
     assert lock_path(store.state_dir, live_token).exists()
     assert lock_path(store.state_dir, "2" * 32).exists() and store.get(active.id).owner_token == "2" * 32
+
+
+SEEN_FROM_ELSEWHERE = (
+    "import sys; from pathlib import Path; from pytest_runs.liveness import probe; "
+    "print(probe(Path(sys.argv[1]), sys.argv[2]))"
+)
+
+
+def seen_from_another_process(state_dir: Path, token: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-c", SEEN_FROM_ELSEWHERE, str(state_dir), token], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_code_in_the_owners_process_that_reads_the_lock_file_does_not_drop_the_lock(tmp_path: Path) -> None:
+    # A test that copies the store opens and closes the lock file: a POSIX lock would be gone.
+    lock = LivenessLock(tmp_path)
+    lock.acquire()
+    try:
+        lock.path.read_bytes()
+        shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy")
+        assert seen_from_another_process(tmp_path, lock.token) == "True"
+    finally:
+        lock.release()
+
+
+def test_a_lock_whose_descriptor_was_closed_is_taken_again(tmp_path: Path) -> None:
+    lock = LivenessLock(tmp_path)
+    lock.acquire()
+    try:
+        assert lock.still_held()
+        os.close(lock._fd)  # type: ignore[arg-type]  # as os.closerange in a test would
+        assert seen_from_another_process(tmp_path, lock.token) == "False"
+        assert lock.still_held(), "the heartbeat takes it again"
+        assert seen_from_another_process(tmp_path, lock.token) == "True"
+    finally:
+        lock.release()
+
+
+def test_a_forked_child_neither_keeps_nor_gives_away_the_lock(tmp_path: Path) -> None:
+    lock = LivenessLock(tmp_path)
+    lock.acquire()
+    try:
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            # A child that runs on into pytest's shutdown: releasing from here does nothing.
+            lock.release()
+            os.write(write, b"held" if lock.held else b"forgotten")
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 100) == b"forgotten"
+        os.waitpid(child, 0)
+        assert lock.path.exists() and seen_from_another_process(tmp_path, lock.token) == "True"
+    finally:
+        lock.release()

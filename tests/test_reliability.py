@@ -351,7 +351,12 @@ def test_a_session_refuses_to_claim_a_run_with_an_unsafe_id(
     pytester.makeini("[pytest]\nruns_hash_ignore =\n    stdout\n    stderr\n    runpytest-*\n")
     state_dir = tmp_path / "state"
     test_hash = hash_test_dir(pytester.path, ignore=["stdout", "stderr", "runpytest-*"])
-    hostile = {"id": "../../../tmp/evil", "machine": "rig-1", "test_dir_hash": test_hash, "status": "pending"}
+    hostile: dict[str, object] = {
+        "id": "../../../tmp/evil",
+        "machine": "rig-1",
+        "test_dir_hash": test_hash,
+        "status": "pending",
+    }
     hostile_state(state_dir, hostile)
     monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(state_dir))
     result = pytester.runpytest_subprocess("--runs-machine=rig-1")
@@ -392,3 +397,104 @@ def test_killed_session_signal_is_sigkill_not_term(pytester: pytest.Pytester, tm
     victim.communicate()
     (run,) = Store(state_dir).list()
     assert run.status is Status.RUNNING, "nothing but the next prepare_atomic may end it"
+
+
+def test_a_forked_child_that_runs_into_pytests_end_does_not_give_the_machine_away(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makepyfile(
+        """
+        import os, pathlib, sys, time
+
+        def test_forks():
+            if os.fork() == 0:
+                sys.exit(0)  # the child runs on through pytest's own end, in its own copy of the session
+
+        def test_holds():
+            pathlib.Path(os.environ["STARTED_MARKER"]).write_text("")
+            release = pathlib.Path(os.environ["RELEASE_FILE"])
+            while not release.exists():
+                time.sleep(0.02)
+        """
+    )
+    state_dir = tmp_path / "state"
+    holder, started, release = session(pytester, state_dir, tmp_path, "holder")
+    wait_for(started, holder)
+    time.sleep(1)  # the forked child has long finished its copy of the session by now
+    other = pytester.mkdir("other")
+    (other / "test_other.py").write_text("def test_other(): pass\n")
+    intruder = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1", str(other)],
+        cwd=other,
+        env={**os.environ, "PYTEST_RUNS_STATE_DIR": str(state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert intruder.returncode == 75, intruder.stdout + intruder.stderr
+    release.write_text("go")
+    out, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, (out, err)
+    (run,) = Store(state_dir).list()
+    assert (run.status, run.summary and run.summary["text"]) == (Status.COMPLETED, "2 passed")
+
+
+def test_a_session_interrupted_while_it_prepares_does_not_block_the_machine(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makepyfile("def test_a(): pass\n")
+    state_dir = tmp_path / "state"
+    Store(state_dir).create(Run(machine="rig-0", test_dir_hash="h"))  # a store whose lock we can hold
+    blocker = subprocess.Popen(["flock", str(state_dir / "runs.lock"), "sleep", "3"], start_new_session=True)
+    try:
+        time.sleep(0.5)
+        victim, _, _ = session(pytester, state_dir, tmp_path, "victim")
+        time.sleep(1.5)  # it waits for the store lock inside prepare; SIGTERM is held back until it returns
+        victim.send_signal(signal.SIGTERM)
+        out, err = victim.communicate(timeout=60)
+    finally:
+        os.killpg(blocker.pid, signal.SIGKILL)
+        blocker.wait()
+    assert victim.returncode == pytest.ExitCode.INTERRUPTED, (out, err)
+    # Other tests, so that the victim's run is not simply claimed as a reservation of the same tests.
+    other = pytester.mkdir("other")
+    (other / "test_other.py").write_text("def test_other(): pass\n")
+    follower = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1", str(other)],
+        cwd=other,
+        env={**os.environ, "PYTEST_RUNS_STATE_DIR": str(state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert follower.returncode == 0, follower.stdout + follower.stderr
+    runs = [r for r in Store(state_dir).list() if r.machine == "rig-1"]
+    assert all(r.status.is_terminal for r in runs)
+    assert runs[-1].status is Status.COMPLETED
+
+
+def test_xdist_workers_start_no_test_once_the_machine_is_lost(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(
+        """
+        import os, pathlib, time, pytest
+
+        @pytest.mark.parametrize("n", range(8))
+        def test_slow(n):
+            pathlib.Path(os.environ["STARTED_MARKER"] + f".{n}").write_text("")
+            time.sleep(3)
+        """
+    )
+    state_dir = tmp_path / "state"
+    process, _, _ = session(pytester, state_dir, tmp_path, "s", "-n", "2", "-p", "xdist", "--runs-heartbeat=0.3")
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("s.started.*")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    store = Store(state_dir)
+    (run,) = store.list()
+    store.release(run.id, "taken back")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_MACHINE_LOST, (out, err)
+    started = len(list(tmp_path.glob("s.started.*")))
+    # Only the tests in flight when the loss was found (one per worker), never the rest of the queue.
+    assert started <= 2, f"{started} of 8 tests started"
