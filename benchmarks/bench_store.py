@@ -56,6 +56,7 @@ def fill(store: Store, size: int) -> None:
         for index in range(size)
     ]
     document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "runs": runs}
+    store.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a store makes its dir on first write
     store.state_path.write_text(json.dumps(document, indent=1))
 
 
