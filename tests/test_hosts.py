@@ -234,7 +234,7 @@ def test_a_killed_owner_seen_from_a_host_that_cannot_observe_it_is_reclaimed_aft
     tmp_path: Path, sessions: list[Session]
 ) -> None:
     state_dir = tmp_path / "state"
-    lease = 5.0
+    lease = 3.0
     owner = start(
         "a", make_project(tmp_path / "a"), state_dir, f"--runs-lease={lease:g}", "--runs-heartbeat=0.5",
         namespace=Namespace("host-a"),
