@@ -144,6 +144,14 @@ class TrackedSession:
         )
 
     def _prepare(self, store: Store, test_dir_hash: str) -> None:
+        try:
+            self._prepare_or_wait(store, test_dir_hash)
+        finally:
+            # Waiting shortens the store's lock timeout to the wait left; the session's own
+            # heartbeats and its end get the full timeout again.
+            store.lock_timeout = self.settings.lock_timeout
+
+    def _prepare_or_wait(self, store: Store, test_dir_hash: str) -> None:
         settings = self.settings
         waiting_since = time.monotonic()
         progress = _WaitProgress(self.config)

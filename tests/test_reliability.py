@@ -498,3 +498,35 @@ def test_xdist_workers_start_no_test_once_the_machine_is_lost(pytester: pytest.P
     started = len(list(tmp_path.glob("s.started.*")))
     # Only the tests in flight when the loss was found (one per worker), never the rest of the queue.
     assert started <= 2, f"{started} of 8 tests started"
+
+
+def test_a_session_that_waited_gets_the_full_lock_timeout_for_its_end(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """Waiting shortens the store-lock timeout to the wait left; the end must get the full one again."""
+    state_dir = tmp_path / "state"
+    pytester.makepyfile(
+        f"""
+        import subprocess, time
+
+        def test_holds_the_store_lock_past_its_end():
+            # Another process holds the store lock for 2 s, across this session's end.
+            subprocess.Popen(["flock", {str(state_dir / "runs.lock")!r}, "sleep", "2"], start_new_session=True)
+            time.sleep(0.3)
+        """
+    )
+    store = Store(state_dir)
+    holder, _ = store.prepare_atomic("rig-1", "f" * 64, Run)
+
+    def free_soon() -> None:
+        time.sleep(1)
+        store.finish(holder.id, Status.COMPLETED, exit_code=0)
+
+    freer = threading.Thread(target=free_soon)
+    freer.start()
+    process, _, _ = session(pytester, state_dir, tmp_path, "s", "--runs-on-busy=wait", "--runs-wait-timeout=1.5")
+    out, err = process.communicate(timeout=120)
+    freer.join()
+    assert process.returncode == 0, (out, err)
+    assert "could not record" not in err
+    assert Store(state_dir).list()[-1].status is Status.COMPLETED
