@@ -309,33 +309,3 @@ def test_a_stopped_owner_reclaimed_from_a_host_that_cannot_observe_it_fails_when
     status, output = owner.finish()
     assert status == EXIT_MACHINE_LOST, f"the owner whose run was reclaimed exited {status}:\n{output}"
     assert elsewhere.get(run.id) == lost, "the reclaimed record is left as it is"
-
-
-def test_a_readers_short_lease_never_reclaims_a_live_session(tmp_path: Path, sessions: list[Session]) -> None:
-    """Issue 8, case 1: a session with the defaults, and readers with a lease of 1-2 s four seconds later."""
-    state_dir = tmp_path / "state"
-    project_b = make_project(tmp_path / "b")
-    owner = start("a", make_project(tmp_path / "a"), state_dir)
-    sessions.append(owner)
-    wait_for(owner.started, owner)
-    store = Store(state_dir)
-    run = only_run(store)
-    assert (run.status, run.owner_lease) == (Status.RUNNING, 300)
-    time.sleep(4)
-
-    reader = start("b", project_b, state_dir, "--runs-lease=2", "--runs-heartbeat=1", released=True)
-    sessions.append(reader)
-    status, output = reader.finish()
-    assert status == BUSY, output
-    assert "machine rig-1 is busy" in output and run.id in output, output
-    reserved = reserve(project_b, state_dir, PYTEST_RUNS_LEASE="1")
-    assert reserved.returncode == BUSY, (reserved.stdout, reserved.stderr)
-    assert "machine rig-1 is busy" in reserved.stderr and run.id in reserved.stderr, reserved.stderr
-    assert [without_heartbeat(r) for r in store.list()] == [without_heartbeat(run)], "the owner's run is untouched"
-
-    owner.release.write_text("go")
-    status, output = owner.finish()
-    assert status == 0, output
-    assert "lost machine" not in output
-    ended = only_run(store)
-    assert (ended.id, ended.status, ended.exit_code) == (run.id, Status.COMPLETED, 0)
