@@ -430,15 +430,7 @@ class Store:
     def open_log(self, run_id: str) -> IO[str]:
         """The run's ``log.jsonl``, opened to append (0600, never through a symlink), UTF-8."""
         path = self.make_run_dir(run_id) / "log.jsonl"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise StateError(f"run log {path} is a symbolic link; refusing to write through it") from None
-            raise StateError(f"cannot open run log {path}: {_oserror_text(error)}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise StateError(f"run log {path} is not a regular file")
+        fd = _open_regular_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "run log")
         return open(fd, "a", encoding="utf-8", errors="backslashreplace")
 
     def liveness_lock(self) -> liveness.LivenessLock:
@@ -548,16 +540,9 @@ class Store:
     def _read(self) -> RunList:
         path = self.state_path
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open_regular_file(path, os.O_RDONLY, "state file")
         except FileNotFoundError:
             return []
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise StateError(f"state file {path} is a symbolic link; refusing to use it") from None
-            raise StateError(f"cannot read state file {path}: {_oserror_text(error)}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise StateError(f"state file {path} is not a regular file")
         with open(fd, "rb") as handle:
             raw = handle.read()
         runs, self._fences, self._read_version = _decode_state(raw, path)
@@ -788,6 +773,25 @@ def lock_holders(path: Path) -> builtins.list[int]:
             if pid > 0 and pid not in holders:
                 holders.append(pid)
     return holders
+
+
+def _open_regular_file(path: Path, flags: int, what: str) -> int:
+    """Open ``path`` (created 0600 with ``O_CREAT``) never through a symlink, and only if it is a regular file.
+
+    ``FileNotFoundError`` passes through; any other failure is a :class:`StateError` naming ``what``.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StateError(f"{what} {path} is a symbolic link; refusing to use it") from None
+        raise StateError(f"cannot open {what} {path}: {_oserror_text(error)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateError(f"{what} {path} is not a regular file")
+    return fd
 
 
 def _make_private_dir(path: Path) -> None:

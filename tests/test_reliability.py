@@ -161,6 +161,20 @@ def session(
     return process, marker, release
 
 
+def session_of_other_tests(pytester: pytest.Pytester, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """A whole session on rig-1 of tests other than the pytester folder's, run to its end."""
+    other = pytester.mkdir("other")
+    (other / "test_other.py").write_text("def test_other(): pass\n")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1", str(other)],
+        cwd=other,
+        env={**os.environ, "PYTEST_RUNS_STATE_DIR": str(state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def wait_for(path: Path, process: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 60
     while not path.exists():
@@ -421,16 +435,7 @@ def test_a_forked_child_that_runs_into_pytests_end_does_not_give_the_machine_awa
     holder, started, release = session(pytester, state_dir, tmp_path, "holder")
     wait_for(started, holder)
     time.sleep(1)  # the forked child has long finished its copy of the session by now
-    other = pytester.mkdir("other")
-    (other / "test_other.py").write_text("def test_other(): pass\n")
-    intruder = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1", str(other)],
-        cwd=other,
-        env={**os.environ, "PYTEST_RUNS_STATE_DIR": str(state_dir)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    intruder = session_of_other_tests(pytester, state_dir)
     assert intruder.returncode == 75, intruder.stdout + intruder.stderr
     release.write_text("go")
     out, err = holder.communicate(timeout=120)
@@ -457,16 +462,7 @@ def test_a_session_interrupted_while_it_prepares_does_not_block_the_machine(
         blocker.wait()
     assert victim.returncode == pytest.ExitCode.INTERRUPTED, (out, err)
     # Other tests, so that the victim's run is not simply claimed as a reservation of the same tests.
-    other = pytester.mkdir("other")
-    (other / "test_other.py").write_text("def test_other(): pass\n")
-    follower = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--runs-machine=rig-1", str(other)],
-        cwd=other,
-        env={**os.environ, "PYTEST_RUNS_STATE_DIR": str(state_dir)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    follower = session_of_other_tests(pytester, state_dir)
     assert follower.returncode == 0, follower.stdout + follower.stderr
     runs = [r for r in Store(state_dir).list() if r.machine == "rig-1"]
     assert all(r.status.is_terminal for r in runs)
