@@ -362,7 +362,7 @@ def _reserve(store: Store, args: argparse.Namespace) -> int:
     try:
         # The same identity as the plugin's: the folder's own ini file's patterns, and any given here.
         ignore = [*read_hash_ignore(test_dir), *args.hash_ignore]
-        test_dir_hash = hash_test_dir(test_dir, ignore, exclude=[store.state_dir])
+        test_dir_hash = hash_test_dir(test_dir, ignore, exclude=[store.state_dir], cache=store.hash_cache(test_dir))
     except (HashError, ValueError) as error:
         raise _Failure(str(error)) from None
 

@@ -99,7 +99,12 @@ class TrackedSession:
             self.liveness = self.store.liveness_lock()
             self._teardown.callback(self._let_go)
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
-            test_dir_hash = hash_test_dir(self.test_dir, self.hash_ignore, exclude=self._generated_dirs())
+            test_dir_hash = hash_test_dir(
+                self.test_dir,
+                self.hash_ignore,
+                exclude=self._generated_dirs(),
+                cache=self.store.hash_cache(self.test_dir),
+            )
             self._prepare(self.store, test_dir_hash)
         except BaseException as error:
             if self.run is None and self.liveness is not None:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import liveness
+from .hashing import HashCache
 from .model import PrepareOutcome, Run, Status, run_created_at
 from .owner import Owner, boot_id, describe_owner
 from .settings import DEFAULT_LOCK_TIMEOUT
@@ -58,6 +60,7 @@ __all__ = [
 STATE_FILE_NAME = "runs.json"
 LOCK_FILE_NAME = "runs.lock"
 RUNS_DIR_NAME = "runs"
+HASH_CACHE_DIR_NAME = "hash-cache"
 FORMAT_NAME = "pytest-runs-state"
 #: The state file format this version writes, and the newest it can read. Version 2 adds
 #: the per-machine fence counters, which a version-1 writer would drop.
@@ -432,6 +435,14 @@ class Store:
         path = self.make_run_dir(run_id) / "log.jsonl"
         fd = _open_regular_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "run log")
         return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def hash_cache(self, test_dir: Path) -> HashCache:
+        """The stat cache of ``test_dir``'s file digests, ``<state dir>/hash-cache/<key>.json``."""
+        self._ensure_dir()
+        folder = self.state_dir / HASH_CACHE_DIR_NAME
+        _make_private_dir(folder)
+        key = hashlib.sha256(os.fsencode(os.path.realpath(test_dir))).hexdigest()[:32]
+        return HashCache(folder / f"{key}.json")
 
     def liveness_lock(self) -> liveness.LivenessLock:
         """A new liveness lock in this store, already held; :class:`StateError` if it cannot be taken."""

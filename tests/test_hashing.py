@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_runs import hashing
-from pytest_runs.hashing import HashError, hash_test_dir
+from pytest_runs.hashing import HashCache, HashError, hash_test_dir
 
 
 def make_tree(root: Path, files: Mapping[str, bytes | tuple[bytes, bool]]) -> Path:
@@ -45,12 +47,16 @@ def test_golden_value_is_stable_across_versions_and_machines(tmp_path: Path) -> 
     def framed(data: bytes) -> bytes:
         return len(data).to_bytes(8, "big") + data
 
+    def content(data: bytes) -> bytes:
+        return len(data).to_bytes(8, "big") + hashlib.sha256(data).digest()
+
     # The format, spelled out: a domain string, then per entry in sorted path order its
-    # kind (f file, x executable, l symlink), its framed path, and its framed bytes or link text.
+    # kind (f file, x executable, l symlink), its framed path, and for a file its size and
+    # SHA-256, for a symlink its framed link text.
     expected = hashlib.sha256(
-        b"pytest-runs tree v1\0"
-        + b"f" + framed(b"a.py") + framed(b"a")
-        + b"x" + framed(b"b/c.txt") + framed(b"c")
+        b"pytest-runs tree v2\0"
+        + b"f" + framed(b"a.py") + content(b"a")
+        + b"x" + framed(b"b/c.txt") + content(b"c")
         + b"l" + framed(b"link") + framed(b"a.py")
     ).hexdigest()  # fmt: skip
     assert hash_test_dir(root) == expected
@@ -159,10 +165,14 @@ def test_link_and_file_with_same_text_differ(tmp_path: Path) -> None:
 def test_unreadable_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_tree(tmp_path / "t", BASE)
 
-    def denied(path: str, mode: str = "r") -> object:
-        raise PermissionError(13, "Permission denied", path)
+    real_open = os.open
 
-    monkeypatch.setattr(hashing, "open", denied, raising=False)
+    def denied(path: str, flags: int, mode: int = 0o777) -> int:
+        if str(path).endswith(".py"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(HashError, match=r"cannot read /.*: Permission denied$"):
         hash_test_dir(root)
 
@@ -214,3 +224,101 @@ def test_hash_equal_exactly_when_trees_equal(
         shutil.rmtree(base)
     assert left_hash == left_again
     assert (left_hash == right_hash) == (left == right)
+
+
+# -- the stat cache ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _short_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files are written by the tests themselves, a moment before they are hashed.
+    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.05)
+
+
+def old_tree(path: Path, files: dict[str, bytes]) -> Path:
+    """A tree whose files were last changed well before the racy window: the cache may trust them."""
+    root = make_tree(path, files)
+    past = time.time() - 3600
+    for file in root.rglob("*"):
+        os.utime(file, (past, past), follow_symlinks=False)
+    time.sleep(0.1)  # past the (shortened) racy window, for the ctime that utime just set too
+    return root
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    read: list[str] = []
+    real_open = os.open
+
+    def counting(path: str, flags: int, mode: int = 0o777) -> int:
+        read.append(os.path.basename(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", counting)
+    return read
+
+
+def test_a_warm_hash_reads_nothing_and_equals_the_cold_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = old_tree(tmp_path / "t", {f"test_{n}.py": f"def test_{n}(): pass\n".encode() for n in range(20)})
+    cold = hash_test_dir(root)
+    cache_file = tmp_path / "cache.json"
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == cold
+    read = counting_reads(monkeypatch)
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == cold
+    assert read == ["cache.json"], "only the cache itself was opened"
+
+
+def test_a_file_changed_behind_the_caches_back_is_read_again(tmp_path: Path) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"def test_a(): pass\n", "test_b.py": b"x"})
+    cache_file = tmp_path / "cache.json"
+    hash_test_dir(root, cache=HashCache(cache_file))
+    target = root / "test_a.py"
+    before = target.stat()
+    # Same size, and the old mtime put back: only the ctime (which nobody can set) tells.
+    target.write_bytes(b"def test_a(): fail\n")
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
+
+
+def test_a_file_modified_just_before_the_cache_was_written_is_never_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_tree(tmp_path / "t", {"fresh.py": b"a"})  # modified now: racy
+    cache_file = tmp_path / "cache.json"
+    hash_test_dir(root, cache=HashCache(cache_file))
+    read = counting_reads(monkeypatch)
+    hash_test_dir(root, cache=HashCache(cache_file))
+    assert "fresh.py" in read, "a file as new as the cache is hashed again"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b'{"format": "other"}', b'{"format": "pytest-runs-hash-cache", "written_ns": 1, "files": 7}', b""],
+)
+def test_a_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path, content: bytes) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_bytes(content)
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
+    assert json.loads(cache_file.read_bytes())["format"] == "pytest-runs-hash-cache"
+
+
+def test_a_lying_cache_cannot_change_the_hash_of_a_changed_file(tmp_path: Path) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
+    cache_file = tmp_path / "cache.json"
+    hash_test_dir(root, cache=HashCache(cache_file))
+    document = json.loads(cache_file.read_bytes())
+    for entry in document["files"].values():
+        entry[1] = "00" * 32  # a wrong digest for the same stat: only a file changed since is safe from it
+    cache_file.write_text(json.dumps(document))
+    (root / "test_a.py").write_bytes(b"b")
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
+
+
+def test_a_symlinked_cache_file_is_not_followed(tmp_path: Path) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "cache.json").symlink_to(victim)
+    assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == hash_test_dir(root)
+    assert victim.read_text() == "precious"

@@ -416,12 +416,19 @@ def test_each_file_is_opened_once_and_only_runs_json_is_peeked_at(
     root = tree(tmp_path / "t")
     write(root / "sub" / "runs.json", "[]")
     opened: list[str] = []
+    real_os_open = os.open
 
-    def counting_open(path: str, mode: str = "r") -> Any:
+    def counting_open(path: Any, mode: str = "r", **kwargs: Any) -> Any:
+        if not isinstance(path, int):  # a descriptor already counted below
+            opened.append(os.path.relpath(path, root))
+        return open(path, mode, **kwargs)
+
+    def counting_os_open(path: Any, flags: int, mode: int = 0o777) -> int:
         opened.append(os.path.relpath(path, root))
-        return open(path, mode)
+        return real_os_open(path, flags, mode)
 
     monkeypatch.setattr(hashing, "open", counting_open, raising=False)
+    monkeypatch.setattr(os, "open", counting_os_open)
     hash_test_dir(root)
     assert sorted(opened) == ["sub/data.txt", "sub/runs.json", "sub/runs.json", "test_a.py"]
 
