@@ -45,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
+_LONGEST_DURATION = 100 * 365 * 86400
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _STATUS_COLOURS = {
     Status.PENDING: "36",  # cyan
@@ -75,7 +76,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use a number and s, m, h, d or w, e.g. 30d")
-    return timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds > _LONGEST_DURATION:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is longer than 100 years")
+    return timedelta(seconds=seconds)
 
 
 def _non_negative_int(text: str) -> int:

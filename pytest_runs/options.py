@@ -33,6 +33,9 @@ EXIT_MACHINE_LOST = 76
 EXIT_INTERRUPTED = 2
 
 BUSY_POLICIES = ("fail", "skip", "wait")
+#: Set by a tracked session for its tests (and every process they start).
+RUN_ID_ENV = "PYTEST_RUNS_RUN_ID"
+FENCE_ENV = "PYTEST_RUNS_FENCE"
 DEFAULT_GRACE = 10.0
 DEFAULT_WAIT_TIMEOUT = 3600.0
 

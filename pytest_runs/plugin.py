@@ -16,7 +16,7 @@ import pytest
 
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
 from .model import Run
-from .options import EXIT_BUSY, EXIT_MACHINE_LOST, OPTIONS, Lookup, Settings, lookup_for
+from .options import EXIT_BUSY, EXIT_MACHINE_LOST, OPTIONS, RUN_ID_ENV, Lookup, Settings, lookup_for
 
 __all__ = ["EXIT_BUSY", "EXIT_MACHINE_LOST", "runs_artifacts_dir", "runs_run"]
 
@@ -58,7 +58,8 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[SKIP_KEY] = reason
         return
     lookup = _lookup(config)
-    if lookup("machine") is None or _uses_no_machine(config):
+    machine = lookup("machine")
+    if machine is None or _uses_no_machine(config) or _inside_a_tracked_session(machine[1]):
         return
     from .identity import derive_test_folder, find_ini_file, locate_ini_file, read_hash_ignore
 
@@ -100,6 +101,16 @@ _NO_MACHINE_OPTIONS = (
     "help",
     "version",
 )
+
+
+def _inside_a_tracked_session(machine_source: str) -> bool:
+    """A pytest run by a test of a tracked session, with the machine only inherited from its environment.
+
+    The outer session holds the machine; the inner one is part of its run, not another
+    session to wait for (it would wait on its own parent). A machine given explicitly on
+    the inner command line or in its ini file is tracked as usual.
+    """
+    return machine_source == OPTIONS["machine"].env and bool(os.environ.get(RUN_ID_ENV))
 
 
 def _uses_no_machine(config: pytest.Config) -> bool:

@@ -29,24 +29,22 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from _pytest._io import TerminalWriter
 
 from .display import describe_holder, format_duration, held_for
 from .hashing import HashError, hash_test_dir
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
 from .liveness import LivenessLock
 from .model import PrepareOutcome, Run, Status
-from .options import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_MACHINE_LOST, Settings
+from .options import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_MACHINE_LOST, FENCE_ENV, RUN_ID_ENV, Settings
 from .owner import Owner
 from .runlog import RunLog, report_entry
 from .stopper import StopKind, Stopper, StopRequest
 from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked
 
-__all__ = ["FENCE_ENV", "RUN_ID_ENV", "TrackedSession"]
+__all__ = ["TrackedSession"]
 _WAIT_POLL_SECONDS = 0.5
 _WAIT_REPORT_EVERY = 30.0
-#: Set for the tests (and processes they start) while the session holds its run.
-RUN_ID_ENV = "PYTEST_RUNS_RUN_ID"
-FENCE_ENV = "PYTEST_RUNS_FENCE"
 
 
 class TrackedSession:
@@ -80,6 +78,7 @@ class TrackedSession:
         self._refused = False
         self._beat_failing = False
         self._end_tried = False
+        self._interrupt_reason = ""
 
     # -- session start ----------------------------------------------------------------
 
@@ -317,6 +316,10 @@ class TrackedSession:
             with contextlib.suppress(OSError):
                 os.write(self._say_fd, f"\n{line}\n".encode(errors="backslashreplace"))
 
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        # pytest.exit("why"), xdist's "stopping after N failures", a KeyboardInterrupt: keep the why.
+        self._interrupt_reason = f"{excinfo.typename}: {excinfo.value}".rstrip(": ")
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist: hand the run (or the skip reason) to each worker."""
@@ -400,16 +403,24 @@ class TrackedSession:
             # pytest's own shutdown (the watchdog still ends a session that hangs).
             self.stopper.ending()
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_unconfigure(self, config: pytest.Config) -> None:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> Generator[None]:
         if os.getpid() != self.owner.pid:
-            return
+            return (yield)
         self.stopper.ending()
         if self._refused:
             # pytest already said "Exit: <why>"; its terminal would repeat it as "! Exit: <why> !".
             reporter = config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None and getattr(reporter, "_keyboardinterrupt_memo", None) is not None:
                 reporter._keyboardinterrupt_memo = None
+        try:
+            return (yield)
+        finally:
+            # After every other plugin's unconfigure: the run's line is the very last one.
+            self._unconfigure(config)
+
+    def _unconfigure(self, config: pytest.Config) -> None:
+        self.stopper.ending()
         # pytest skips sessionfinish when a later plugin's sessionstart fails.
         if self.run is not None and self.final is None and not self._end_tried:
             status = getattr(self.session, "exitstatus", None)
@@ -462,7 +473,11 @@ class TrackedSession:
             number, _, word = part.partition(" ")
             if number.isdigit():
                 counts[word] = int(number)
-        return {"text": text, "counts": counts, "duration": round(time.monotonic() - self._started, 3)}
+        duration = time.monotonic() - self._started
+        session_start = getattr(reporter, "_session_start", None)  # what pytest's final line measures
+        with contextlib.suppress(Exception):
+            duration = float(session_start.elapsed().seconds) if session_start is not None else duration
+        return {"text": text, "counts": counts, "duration": round(duration, 3)}
 
     def _record_end(
         self, status: Status, exit_code: int, error_code: str, error_msg: str, summary: dict[str, Any] | None = None
@@ -510,7 +525,7 @@ class TrackedSession:
         if request is not None and request.kind is StopKind.LOST:
             return Status.INTERRUPTED, "machine_lost", request.reason
         if request is not None or exitstatus == pytest.ExitCode.INTERRUPTED:
-            reason = request.reason if request is not None else "interrupted (KeyboardInterrupt)"
+            reason = request.reason if request is not None else (self._interrupt_reason or "interrupted")
             return Status.INTERRUPTED, "interrupted", reason
         if exitstatus == pytest.ExitCode.OK:
             return Status.COMPLETED, "", ""
@@ -520,6 +535,8 @@ class TrackedSession:
             code = f"exit_{exitstatus}"
         if counts == "no tests ran" or not counts:
             counts = code.replace("_", " ")
+        if self._interrupt_reason:
+            counts += f"; {self._interrupt_reason}"
         return Status.FAILED, code, counts
 
     def _summarise(self, terminalreporter: Any) -> None:
@@ -635,8 +652,10 @@ class _WaitProgress:
     """Shows who holds the machine: in place on a terminal, else a line every 30 seconds."""
 
     def __init__(self, config: pytest.Config) -> None:
-        self.writer = config.get_terminal_writer()
-        self.in_place = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+        # With -p no:terminal there is no terminal writer: a plain one on stderr then.
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        self.writer = config.get_terminal_writer() if reporter is not None else TerminalWriter(sys.stderr)
+        self.in_place = reporter is not None and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
         self.last_line_at: float | None = None
         self.shown = False
 

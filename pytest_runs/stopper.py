@@ -190,7 +190,7 @@ class Stopper:
     def _end_for_certain(self) -> None:
         request = self._request
         assert request is not None
-        self._say(f"pytest-runs: the session did not stop within {self.grace:g}s of {request.reason}; ending it")
+        self._say(f"pytest-runs: the session did not stop within {self.grace:g}s ({request.reason}); ending it")
         try:
             self._force(request)
         finally:

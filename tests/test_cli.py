@@ -447,3 +447,12 @@ def test_reserve_a_folder_whose_path_is_not_utf8(
     data = json_out(capsys, "reserve", "--machine", "rig-1", "--test-dir", str(folder))
     assert data["test_dir"] == str(folder)
     assert Store(state_dir).get(data["id"]).test_dir == str(folder)
+
+
+@pytest.mark.parametrize("duration", ["99999999999d", "999999d"])
+def test_a_duration_too_long_is_a_usage_error(
+    state_dir: Path, capsys: pytest.CaptureFixture[str], duration: str
+) -> None:
+    code, _, err = run_cli(capsys, "prune", "--older-than", duration, "--dry-run")
+    assert code == 2
+    assert f"duration '{duration}' is longer than 100 years" in err and err.count("\n") == 1

@@ -108,3 +108,50 @@ def test_junitxml_links_back_to_the_run(pytester: pytest.Pytester, tmp_path: Pat
         ("pytest_runs_batch", "nightly-7"),
     ):
         assert f'<property name="{name}" value="{value}" />' in xml
+
+
+def test_without_a_terminal_plugin_the_session_is_tracked_as_usual(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile("def test_a(): pass\ndef test_b(): assert 0\n")
+    state = tmp_path / "state"
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1", f"--runs-state-dir={state}", "-p", "no:terminal")
+    assert result.ret == 1, result.stderr.str()
+    (run,) = Store(state).list()
+    assert (run.status, run.error_msg) == (Status.FAILED, "1 failed, 1 passed")
+
+
+def test_a_pytest_exit_reason_is_recorded(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile("import pytest\ndef test_a(): pass\ndef test_b(): pytest.exit('the rig caught fire')\n")
+    state = tmp_path / "state"
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1", f"--runs-state-dir={state}")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    (run,) = Store(state).list()
+    assert (run.status, run.error_msg) == (Status.INTERRUPTED, "Exit: the rig caught fire")
+    assert result.outlines[-1].startswith(f"pytest-runs: run {run.id} on rig-1: interrupted"), "the last line"
+
+
+def test_a_pytest_run_by_a_test_is_part_of_the_outer_run(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracking turned on by the environment reaches a pytest that a test runs: it must not wait on its parent."""
+    state = tmp_path / "state"
+    pytester.makepyfile(
+        test_outer="""
+        import os, subprocess, sys
+
+        def test_runs_pytest(tmp_path):
+            (tmp_path / "test_inner.py").write_text("def test_inner(): pass\\n")
+            inner = subprocess.run(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(tmp_path)],
+                cwd=tmp_path, capture_output=True, text=True,
+            )
+            assert inner.returncode == 0, inner.stdout + inner.stderr
+        """
+    )
+    monkeypatch.setenv("PYTEST_RUNS_MACHINE", "rig-1")
+    monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(state))
+    monkeypatch.setenv("PYTEST_RUNS_ON_BUSY", "wait")
+    monkeypatch.setenv("PYTEST_RUNS_WAIT_TIMEOUT", "30")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    (run,) = Store(state).list()
+    assert run.status is Status.COMPLETED, "one run: the outer session's"
