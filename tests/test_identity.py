@@ -435,34 +435,34 @@ def test_each_file_is_opened_once_and_only_runs_json_is_peeked_at(
 
 # -- real pytest runs -------------------------------------------------------------------------------
 
-PROBE = """
-import json, os
-from pathlib import Path
-from pytest_runs.identity import derive_test_folder, locate_ini_file
 
-def pytest_configure(config):
-    inv = config.invocation_params.dir
-    ini = config.inipath if config.getoption("inifilename") else locate_ini_file(config.args, inv)
-    Path(os.environ["IDENTITY_PROBE_OUT"]).write_text(json.dumps({
-        "args": config.args,
-        "inipath": str(config.inipath),
-        "rootpath": str(config.rootpath),
-        "folder": str(derive_test_folder(ini, config.args, inv)),
-    }))
-"""
+class _Probe:
+    """A plugin that notes what pytest decided, and the test folder derived from it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+
+    def pytest_configure(self, config: pytest.Config) -> None:
+        inv = config.invocation_params.dir
+        ini = config.inipath if config.getoption("inifilename") else locate_ini_file(config.args, inv)
+        self.seen = {
+            "args": config.args,
+            "inipath": str(config.inipath),
+            "rootpath": str(config.rootpath),
+            "folder": str(derive_test_folder(ini, config.args, inv)),
+        }
 
 
-def probe(tmp_path: Path, cwd: Path, *args: str) -> dict[str, Any]:
-    """What pytest reports, and the test folder derived from it, for ``pytest ARGS`` run in ``cwd``."""
-    write(tmp_path / "probe" / "identity_probe.py", PROBE)
-    out = tmp_path / "probe" / "out.json"
-    out.unlink(missing_ok=True)
-    env = clean_env(IDENTITY_PROBE_OUT=str(out), PYTHONPATH=str(tmp_path / "probe"))
-    command = [sys.executable, "-m", "pytest", "-p", "identity_probe", "-p", "no:cacheprovider", "--co", "-q", *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result: dict[str, Any] = json.loads(out.read_text())
-    return result
+def probe(monkeypatch: pytest.MonkeyPatch, cwd: Path, *args: str) -> dict[str, Any]:
+    """What pytest reports, and the test folder derived from it, for ``pytest ARGS`` run in ``cwd`` (in process)."""
+    plugin = _Probe()
+    with monkeypatch.context() as patch:
+        patch.chdir(cwd)
+        # Without the python plugin nothing is imported: config is all that is looked at.
+        code = pytest.main(["-p", "no:cacheprovider", "-p", "no:python", "--co", "-q", *args], plugins=[plugin])
+    # Nothing is collected (and a node ID is then "not found"): only what configure saw matters.
+    assert code in (pytest.ExitCode.NO_TESTS_COLLECTED, pytest.ExitCode.USAGE_ERROR) and plugin.seen, code
+    return plugin.seen
 
 
 @pytest.fixture
@@ -493,23 +493,27 @@ def layout(tmp_path: Path) -> Path:
         ("project", ["tests", "--runs-state-dir", "{work}/STATE"]),
     ],
 )
-def test_the_folder_does_not_depend_on_option_spelling(layout: Path, tmp_path: Path, cwd: str, args: list[str]) -> None:
+def test_the_folder_does_not_depend_on_option_spelling(
+    layout: Path, monkeypatch: pytest.MonkeyPatch, cwd: str, args: list[str]
+) -> None:
     (layout / "project" / "state-inside").mkdir(exist_ok=True)
     args = [a.format(work=layout) for a in args]
-    seen = probe(tmp_path, layout / cwd, *args)
+    seen = probe(monkeypatch, layout / cwd, *args)
     assert seen["folder"] == str((layout / "project").resolve()), seen
     state = args[args.index("--runs-state-dir") + 1] if "--runs-state-dir" in args else None
     assert state not in seen["args"], seen
 
 
-def test_the_folder_without_an_ini_file_is_the_arguments_or_the_invocation_dir(tmp_path: Path) -> None:
+def test_the_folder_without_an_ini_file_is_the_arguments_or_the_invocation_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     work = tmp_path / "work"
     write(work / "project" / "tests" / "test_a.py", "def test_a(): pass\n")
     real_store(work / "STATE")
     project = work / "project"
     for args in (["--runs-state-dir", str(work / "STATE")], [f"--runs-state-dir={work / 'STATE'}"]):
-        assert probe(tmp_path, project, *args)["folder"] == str(project.resolve())
-        assert probe(tmp_path, project, "tests", *args)["folder"] == str((project / "tests").resolve())
+        assert probe(monkeypatch, project, *args)["folder"] == str(project.resolve())
+        assert probe(monkeypatch, project, "tests", *args)["folder"] == str((project / "tests").resolve())
 
 
 # -- the plugin and `pytest-runs reserve`, end to end ------------------------------------------------
