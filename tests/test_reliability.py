@@ -305,10 +305,10 @@ def test_heartbeat_racing_finish_in_many_short_sessions(pytester: pytest.Pyteste
 # -- load -------------------------------------------------------------------------------
 
 
-def test_load_8_processes_60_cycles_4_machines(tmp_path: Path) -> None:
+def test_load_8_processes_30_cycles_4_machines(tmp_path: Path) -> None:
     spawn = multiprocessing.get_context("spawn")
     state_dir = str(tmp_path / "state")
-    workers, cycles, machines = 8, 60, 4
+    workers, cycles, machines = 8, 30, 4
     manager = spawn.Manager()
     start = manager.Barrier(workers)
     with spawn.Pool(workers) as pool:
