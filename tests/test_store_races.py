@@ -99,7 +99,7 @@ def test_writers_killed_at_random_moments(tmp_path: Path) -> None:
     rng = random.Random(1234)
     created: list[str] = []
     updated: dict[str, int] = {}
-    for _ in range(25):
+    for _ in range(15):
         writer = subprocess.Popen(
             [sys.executable, racers.__file__, str(state_dir)],
             stdout=subprocess.PIPE,
