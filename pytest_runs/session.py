@@ -550,7 +550,7 @@ class TrackedSession:
         request = self.stopper.request
         if self.ended_elsewhere is not None or (request is not None and request.kind is StopKind.LOST):
             why = (
-                request.reason
+                request.reason.removeprefix(f"lost machine {run.machine}: ")
                 if request is not None and request.kind is StopKind.LOST
                 else (f"run {run.id} was ended by someone else ({run.status.value}, {run.error_msg})")
             )
