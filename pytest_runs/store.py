@@ -386,28 +386,29 @@ class Store:
                     r.id for r in runs if r.status.is_terminal and r.ended_at is not None and r.ended_at < cutoff
                 }
             doomed = [r for r in runs if r.id in doomed_ids]
-            if doomed and not dry_run:
-                self._write([r for r in runs if r.id not in doomed_ids])
+            if not dry_run:
+                if doomed:
+                    self._write([r for r in runs if r.id not in doomed_ids])
+                # In the same critical section: no run can come to name a lock file meanwhile.
+                self._remove_orphaned_liveness_locks(runs)
         if not dry_run:
             for run in doomed:
                 self._remove_files(run)
-            self._remove_orphaned_liveness_locks()
         return doomed
 
-    def _remove_orphaned_liveness_locks(self) -> None:
+    def _remove_orphaned_liveness_locks(self, runs: RunList) -> None:
         """Lock files of sessions killed while waiting (they had no run to be reclaimed with)."""
         folder = self.state_dir / liveness.OWNERS_DIR_NAME
         if os.path.islink(folder) or not folder.is_dir():
             return
-        with self._locked(readonly=True) as runs:
-            named = {r.owner_token for r in runs if not r.status.is_terminal and r.owner_token}
-            for path in folder.glob("*.lock"):
-                token = path.name.removesuffix(".lock")
-                # Not named by an active run, older than a minute (never one being taken), and free.
-                with contextlib.suppress(OSError):
-                    old = _utcnow().timestamp() - path.lstat().st_mtime > 60
-                    if token not in named and old and liveness.probe(self.state_dir, token) is False:
-                        path.unlink()
+        named = {r.owner_token for r in runs if not r.status.is_terminal and r.owner_token}
+        for path in folder.glob("*.lock"):
+            token = path.name.removesuffix(".lock")
+            # Not named by an active run, older than a minute (never one being taken), and free.
+            with contextlib.suppress(OSError):
+                old = _utcnow().timestamp() - path.lstat().st_mtime > 60
+                if token not in named and old and liveness.probe(self.state_dir, token) is False:
+                    path.unlink()
 
     def run_dir(self, run_id: str) -> Path:
         """The folder that holds a run's log and artifacts: ``<state_dir>/runs/<id>``.
