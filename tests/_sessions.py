@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from pytest_runs.stopper import children
+
 # The store's lock file, which the test never keeps locked.
 RUNS_LOCK = "runs.lock"
 
@@ -189,22 +191,6 @@ def wait_for(path: Path, session: Session, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{path.name} never appeared:\n{session.output()}")
         time.sleep(0.02)
-
-
-def children(pid: int) -> list[int]:
-    """The PIDs (as this namespace sees them) of the children of ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
 
 
 def group_states(pgid: int) -> dict[int, str]:
