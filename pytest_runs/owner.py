@@ -88,18 +88,23 @@ def boot_id() -> str:
 def process_start_time(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot), or ``None`` if it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode("ascii", "replace")
+        fields = proc_stat(pid)
     except FileNotFoundError:
         return None
     except OSError:
         return _exists_without_proc(pid)
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
     state, start_ticks = fields[0], fields[19]
     if state in ("Z", "X"):
         return None  # killed, not yet reaped: it will never run again
     return start_ticks
+
+
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` from the state (field 3) on; ``OSError`` if it cannot be read."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        stat = handle.read().decode("ascii", "replace")
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 def _exists_without_proc(pid: int) -> str | None:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from .owner import proc_stat
+
 __all__ = ["StopKind", "StopRequest", "Stopper", "children", "descendants"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -242,11 +244,9 @@ def _process_tree() -> dict[int, list[int]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read().decode("ascii", "replace")
+            fields = proc_stat(entry)
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 1 and fields[1].isdigit():
             parents.setdefault(int(fields[1]), []).append(int(entry))
     return parents
