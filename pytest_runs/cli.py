@@ -28,9 +28,11 @@ from .options import EXIT_BUSY
 from .owner import Owner
 from .settings import (
     DEFAULT_LOCK_TIMEOUT,
+    KEEP_ENV,
     LEASE_ENV,
     LOCK_TIMEOUT_ENV,
     check_machine_name,
+    parse_keep,
     parse_seconds,
     resolve_state_dir,
 )
@@ -211,10 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if lock_timeout is None:
             given = os.environ.get(LOCK_TIMEOUT_ENV)
             lock_timeout = parse_seconds(given, LOCK_TIMEOUT_ENV, allow_zero=False) if given else DEFAULT_LOCK_TIMEOUT
+        # Retention applies to the runs the command line ends too (release, a stale reclaim).
+        keep = parse_keep(os.environ[KEEP_ENV], KEEP_ENV) if os.environ.get(KEEP_ENV) else None
     except ValueError as error:
         return _fail(str(error), EXIT_USAGE)
     try:
-        store = Store(resolve_state_dir(args.state_dir), lock_timeout=lock_timeout)
+        store = Store(resolve_state_dir(args.state_dir), lock_timeout=lock_timeout, keep=keep)
         code = int(_COMMANDS[args.command](store, args))
         sys.stdout.flush()
         return code
@@ -238,13 +242,14 @@ def _fail(message: str, code: int) -> int:
 
 
 def _list(store: Store, args: argparse.Namespace) -> int:
-    runs = [
-        r
-        for r in reversed(store.list())
-        if (args.machine is None or r.machine == args.machine)
-        and (args.status is None or r.status.value == args.status)
-        and (args.batch is None or r.batch_id == args.batch)
-    ][: args.limit]
+    runs = store.recent(
+        args.limit,
+        where=lambda r: (
+            (args.machine is None or r.machine == args.machine)
+            and (args.status is None or r.status.value == args.status)
+            and (args.batch is None or r.batch_id == args.batch)
+        ),
+    )
     if args.json:
         _print_json([r.to_dict() for r in runs])
         return EXIT_OK

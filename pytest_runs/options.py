@@ -15,10 +15,12 @@ from .liveness import DEFAULT_LEASE
 from .owner import DEFAULT_HEARTBEAT
 from .settings import (
     DEFAULT_LOCK_TIMEOUT,
+    KEEP_ENV,
     LEASE_ENV,
     LOCK_TIMEOUT_ENV,
     STATE_DIR_ENV,
     check_machine_name,
+    parse_keep,
     parse_seconds,
     resolve_state_dir,
 )
@@ -95,6 +97,11 @@ OPTIONS = {
         "--runs-lock-timeout", "runs_lock_timeout", LOCK_TIMEOUT_ENV, "SECONDS",
         f"how long to wait for the store's lock before giving up (exit {EXIT_BUSY}; default: 10)",
     ),
+    "keep": Option(
+        "--runs-keep", "runs_keep", KEEP_ENV, "N",
+        "retention: as runs end, keep only the N newest ended runs of each machine and delete older "
+        "ones with their logs and artifacts (default: keep all)",
+    ),
     "batch": Option(
         "--runs-batch", None, "PYTEST_RUNS_BATCH", "ID", "record the run as part of batch ID (batch_id)",
     ),
@@ -141,6 +148,7 @@ class Settings:
     heartbeat: float
     lease: float
     lock_timeout: float
+    keep: int | None
     batch: str
     plan_entry: str
 
@@ -174,6 +182,7 @@ class Settings:
         except ValueError as error:
             raise ValueError(f"{machine[1]}: {error}") from None
         state_dir = resolve_state_dir(text("state_dir"))
+        keep = lookup("keep")
         return cls(
             machine=machine_name,
             state_dir=(invocation_dir / state_dir).absolute(),
@@ -184,6 +193,7 @@ class Settings:
             heartbeat=heartbeat,
             lease=lease,
             lock_timeout=seconds("lock_timeout", DEFAULT_LOCK_TIMEOUT, allow_zero=False) or DEFAULT_LOCK_TIMEOUT,
+            keep=None if keep is None else parse_keep(keep[0], keep[1]),
             batch=text("batch") or "",
             plan_entry=text("plan_entry") or "",
         )

@@ -94,7 +94,7 @@ class TrackedSession:
         self._teardown.callback(self.stopper.disarm)
         settings = self.settings
         try:
-            self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout)
+            self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout, keep=settings.keep)
             self.liveness = self.store.liveness_lock()
             self._teardown.callback(self._let_go)
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)

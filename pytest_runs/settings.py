@@ -10,12 +10,14 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
+    "KEEP_ENV",
     "LEASE_ENV",
     "LOCK_TIMEOUT_ENV",
     "MAX_SECONDS",
     "STATE_DIR_ENV",
     "check_machine_name",
     "default_state_dir",
+    "parse_keep",
     "parse_seconds",
     "resolve_state_dir",
 ]
@@ -23,6 +25,7 @@ __all__ = [
 STATE_DIR_ENV = "PYTEST_RUNS_STATE_DIR"
 LEASE_ENV = "PYTEST_RUNS_LEASE"
 LOCK_TIMEOUT_ENV = "PYTEST_RUNS_LOCK_TIMEOUT"
+KEEP_ENV = "PYTEST_RUNS_KEEP"
 #: Seconds a store call waits for the store's lock before giving up.
 DEFAULT_LOCK_TIMEOUT = 10.0
 #: The longest time any setting may give: ten years. Longer ones overflow the system's timers.
@@ -66,3 +69,11 @@ def parse_seconds(text: str, what: str, *, allow_zero: bool = True) -> float:
     if seconds > MAX_SECONDS:
         raise ValueError(f"{what} must be at most {MAX_SECONDS:.0f} seconds (ten years), not {text!r}")
     return seconds
+
+
+def parse_keep(text: str, what: str) -> int:
+    """Retention: how many ended runs of each machine to keep, a whole number >= 0; ``ValueError`` naming ``what``."""
+    value = text.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 12:
+        raise ValueError(f"{what} must be a whole number of runs to keep (0 or more), not {text!r}")
+    return int(value)

@@ -390,7 +390,7 @@ def test_writes_are_fsynced_file_then_directory(store: Store, monkeypatch: pytes
     assert synced == [], "a read must not write"
 
 
-@pytest.mark.parametrize("failing", ["write", "replace", "fsync"])
+@pytest.mark.parametrize("failing", ["pwrite", "replace", "fsync"])
 def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     kept = store.create(pending())
     before = store.state_path.read_bytes()
@@ -465,24 +465,26 @@ def test_a_fence_given_by_the_caller_is_replaced(store: Store) -> None:
 # -- format versions --------------------------------------------------------------------
 
 
-def test_a_format_1_store_is_upgraded_with_a_backup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_format_1_store_is_upgraded_on_first_use_with_a_backup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     old = Run(id="20260101-000000-000000-abcdef", machine="rig-1", test_dir_hash="h", fence=None)
     v1 = json.dumps({"format": "pytest-runs-state", "version": 1, "runs": [old.to_dict()]}).encode()
     (state / "runs.json").write_bytes(v1)
     store = Store(state)
-    assert store.list() == [old], "reading changes nothing"
-    assert not (state / "runs.json.v1.bak").exists()
     with caplog.at_level("WARNING", logger="pytest_runs"):
-        store.finish(old.id, Status.COMPLETED, exit_code=0)
+        assert store.list() == [old], "the upgrade keeps every run as it was"
     assert (state / "runs.json.v1.bak").read_bytes() == v1
-    assert json.loads((state / "runs.json").read_bytes())["version"] == FORMAT_VERSION == 2
+    assert json.loads((state / "runs.json").read_bytes())["version"] == FORMAT_VERSION == 3
     assert [r.getMessage() for r in caplog.records] == [
-        f"pytest-runs: upgraded state file {state / 'runs.json'} from format 1 to 2; "
+        f"pytest-runs: upgraded state file {state / 'runs.json'} from format 1 to 3; "
         f"the old file is kept as {state / 'runs.json.v1.bak'}"
     ]
+    store.finish(old.id, Status.COMPLETED, exit_code=0)
     assert store.prepare_atomic("rig-1", "h2", Run)[0].fence == 1
+    assert len(caplog.records) == 1, "upgraded once"
 
 
 @pytest.mark.parametrize("fences", ["[1]", '{"rig-1": "2"}', '{"rig-1": true}'])

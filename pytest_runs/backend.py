@@ -1,0 +1,91 @@
+"""The seam between the store's rules and where runs are kept.
+
+:class:`~pytest_runs.store.Store` holds every lifecycle rule (busy, reuse, claim, stale,
+fence, release, retention, prune) once. A backend only keeps runs: it opens
+*transactions*, and a transaction reads and changes runs without judging them. The
+JSON-file backend (:mod:`pytest_runs.filebackend`) is the default; a database backend
+implements the same two protocols.
+
+What every backend guarantees:
+
+- **One writer at a time.** Between entering and leaving :meth:`Backend.transaction`, no
+  other transaction, in this process or any other, sees or changes the store. Entering
+  waits at most the backend's lock timeout, then raises
+  :class:`~pytest_runs.errors.StoreLocked`.
+- **All or nothing, and durable.** The changes of a transaction become visible together
+  when it is left without an exception, and are on stable storage by then; a transaction
+  left by an exception, or a process killed inside one, changes nothing.
+- **Refusal, never repair.** State that cannot be read (corrupt, unknown, newer format) is
+  a :class:`~pytest_runs.errors.StateError` naming where and what, and is left untouched.
+- **Copies.** Runs returned by a transaction are the caller's own objects.
+- **Cost.** Reading or changing *active* (pending or running) runs costs the same however
+  many ended runs are kept; only the calls documented as walking history grow with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+from .model import Run
+
+__all__ = ["Backend", "Transaction"]
+
+
+class Transaction(Protocol):
+    """Reads and changes inside one critical section of a :class:`Backend`."""
+
+    def latest_id(self) -> str | None:
+        """The largest run ID the store has ever given out (kept even when that run is deleted)."""
+
+    def active(self) -> list[Run]:
+        """Every pending or running run, in insertion order. Never reads history."""
+
+    def get(self, run_id: str) -> Run | None:
+        """The run with that ID, active or ended; ``None`` if there is none."""
+
+    def machines(self) -> list[str]:
+        """Every machine with a run kept, active or ended, sorted."""
+
+    def last_ended(self, machine: str) -> Run | None:
+        """The run of ``machine`` that was stored as ended most recently, or ``None``."""
+
+    def ended_count(self, machine: str) -> int:
+        """How many ended runs of ``machine`` are kept."""
+
+    def oldest_ended(self, machine: str, count: int) -> list[Run]:
+        """The ``count`` ended runs of ``machine`` that were stored as ended first."""
+
+    def ended(self) -> Iterator[Run]:
+        """Every ended run, machine by machine, each in the order they were stored. Walks history."""
+
+    def newest_first(self) -> Iterator[Run]:
+        """Every run, newest ID first (active runs included); lazily, so taking a few is cheap."""
+
+    def next_fence(self, machine: str) -> int:
+        """Count one more active run on ``machine`` and return its fence; never the same number twice."""
+
+    def add(self, run: Run) -> None:
+        """Store a new run, active or ended, whose ID and fence the rules have set."""
+
+    def replace(self, run: Run) -> None:
+        """Store ``run`` over the kept run with its ID (an active run may become ended here)."""
+
+    def delete(self, runs: list[Run]) -> None:
+        """Remove ended runs from the store."""
+
+
+class Backend(Protocol):
+    """Where a :class:`~pytest_runs.store.Store` keeps its runs."""
+
+    #: For messages: the file, folder or database the runs are kept in.
+    location: str
+
+    def transaction(self, *, write: bool, durable: bool = True) -> contextlib.AbstractContextManager[Transaction]:
+        """A critical section; its changes are committed when it is left without an exception.
+
+        ``write=False`` promises no changes (a backend may then skip creating anything).
+        ``durable=False`` allows a change whose loss in a power cut is harmless (a heartbeat)
+        to skip the last flush of its commit; it is still atomic.
+        """

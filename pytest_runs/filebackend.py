@@ -1,0 +1,864 @@
+"""The JSON-file backend: active runs in one small file, ended runs in per-machine histories.
+
+Layout of a state dir (format 3)::
+
+    runs.lock               the store lock (flock), never removed or replaced
+    runs.json               format header, fence counters, the newest ID given out, one
+                            entry per machine's history (file, committed head and size,
+                            count), and the active runs
+    history/<machine>-<random>.jsonl
+                            ended runs of one machine, one JSON run per line, in the
+                            order they ended
+
+``runs.json`` is the commit point. A transaction appends ended runs to a history file
+beyond its committed size and fsyncs it, then writes the new ``runs.json`` to a temporary
+file, fsyncs it, renames it over the old one and fsyncs the folder. A writer killed at any
+moment leaves the old or the new state: bytes past a history's committed size are not
+part of the store, and the next writer cuts them off. Dropping a machine's oldest ended
+runs (retention) moves its committed head; the dead prefix is copied away once it
+outweighs the live part, so each ended run is written a bounded number of times.
+
+So the hot path (prepare, claim, heartbeat, finish, release) reads and writes
+``runs.json``, whose size depends on the active runs and the machines, never on history;
+a finish appends one line. Listing the newest runs reads history files from their ends;
+finding an ended run by ID searches the history files' bytes and decodes one line.
+
+Older formats (1 and 2: every run in ``runs.json``) are upgraded on first use, in one
+atomic step, keeping the old file as ``runs.json.v<N>.bak`` and logging one line; a newer
+format is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import errno
+import hashlib
+import heapq
+import json
+import logging
+import mmap
+import os
+import re
+import secrets
+import stat
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError, StoreLocked
+from .model import Run
+from .storelock import StoreLock
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileBackend", "lock_holders"]
+
+STATE_FILE_NAME = "runs.json"
+LOCK_FILE_NAME = "runs.lock"
+HISTORY_DIR_NAME = "history"
+FORMAT_NAME = "pytest-runs-state"
+#: The state format this version writes, and the newest it reads. Version 2 added the
+#: per-machine fence counters; version 3 keeps ended runs in per-machine history files.
+FORMAT_VERSION = 3
+
+#: A history file's dead prefix is copied away once it is this large and outweighs the live part.
+COMPACT_MIN_BYTES = 1 << 20
+
+_log = logging.getLogger("pytest_runs")
+# Every stored run has these, non-empty: a record without them is corrupt, not a default run.
+_REQUIRED_KEYS = ("id", "machine", "status")
+_HISTORY_FILE = re.compile(r"^[A-Za-z0-9._-]{1,120}\.jsonl$")
+_READ_CHUNK = 1 << 18
+
+
+def _oserror_text(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+@dataclasses.dataclass
+class _Segment:
+    """The committed part of one machine's history file: bytes ``[head, size)``, ``count`` runs."""
+
+    file: str
+    head: int = 0
+    size: int = 0
+    count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _State:
+    version: int = FORMAT_VERSION
+    latest_id: str | None = None
+    fences: dict[str, int] = dataclasses.field(default_factory=dict)
+    history: dict[str, _Segment] = dataclasses.field(default_factory=dict)
+    active: list[Run] = dataclasses.field(default_factory=list)
+    #: Ended runs of a format 1 or 2 file, to be moved into history files by the upgrade.
+    legacy_ended: list[Run] = dataclasses.field(default_factory=list)
+
+
+class FileBackend:
+    """Runs kept under ``state_dir`` (see the module docs); safe across threads and processes.
+
+    ``state_dir`` is created 0700 on the first write; a transaction that only reads a store
+    that does not exist creates nothing. An existing state dir that others may write to is
+    refused. Entering a transaction waits at most ``lock_timeout`` seconds for the
+    in-process and the cross-process lock, then raises :class:`StoreLocked`.
+    """
+
+    def __init__(self, state_dir: Path, *, lock_timeout: float) -> None:
+        self.state_dir = state_dir
+        self.location = str(state_dir)
+        self.lock_timeout = lock_timeout
+        self.state_path = state_dir / STATE_FILE_NAME
+        self.lock_path = state_dir / LOCK_FILE_NAME
+        self.history_dir = state_dir / HISTORY_DIR_NAME
+        check_state_dir(state_dir)
+        self._mutex = threading.Lock()
+        self._inside = threading.local()
+        # Never removed or replaced: the lock file keeps its inode for ever.
+        self._file_lock = StoreLock(self.lock_path)
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool, durable: bool = True) -> Iterator[FileTransaction]:
+        """A critical section over the state dir; see :class:`pytest_runs.backend.Backend`."""
+        if getattr(self._inside, "active", False):
+            raise RuntimeError(
+                f"Store({str(self.state_dir)!r}) was called again from inside one of its own operations (from mk?)"
+            )
+        if not write and not self.state_path.exists() and not self.state_path.is_symlink():
+            yield FileTransaction(self, _State())  # nothing to read, and looking must not create the store
+            return
+        ensure_state_dir(self.state_dir)
+        if not self._mutex.acquire(timeout=self.lock_timeout):
+            raise StoreLocked(
+                f"store {self.state_dir} is busy in another thread of this process for more than "
+                f"{self.lock_timeout:g}s",
+                [os.getpid()],
+            )
+        try:
+            self._inside.active = True
+            _refuse_symlink(self.lock_path, "lock file")
+            try:
+                self._file_lock.acquire(timeout=self.lock_timeout)
+            except TimeoutError:
+                raise self._locked_out() from None
+            except OSError as error:
+                raise StateError(f"cannot lock {self.lock_path}: {_oserror_text(error)}") from None
+            try:
+                transaction = FileTransaction(self, self._read_state())
+                if transaction.state.version < FORMAT_VERSION:
+                    transaction.changed = True  # the upgrade happens on first use, read or write
+                yield transaction
+                if transaction.changed:
+                    transaction.commit(durable=durable or transaction.state.version < FORMAT_VERSION)
+            finally:
+                self._file_lock.release()
+        finally:
+            self._inside.active = False
+            self._mutex.release()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _read_state(self) -> _State:
+        path = self.state_path
+        try:
+            fd = open_regular_file(path, os.O_RDONLY, "state file")
+        except FileNotFoundError:
+            return _State()
+        with open(fd, "rb") as handle:
+            raw = handle.read()
+        return _decode_state(raw, path)
+
+    def read_region(self, segment: _Segment, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a history file, checking it still holds its committed part."""
+        fd = self._open_history(segment)
+        try:
+            return os.pread(fd, end - start, start) if end > start else b""
+        finally:
+            os.close(fd)
+
+    def _open_history(self, segment: _Segment) -> int:
+        path = self.history_dir / segment.file
+        if os.path.islink(self.history_dir):
+            raise StateError(f"history folder {self.history_dir} is a symbolic link; refusing to use it")
+        try:
+            fd = open_regular_file(path, os.O_RDONLY, "history file")
+        except FileNotFoundError:
+            raise StateError(
+                f"history file {path} is missing; {self.state_path} records {segment.count} runs in it"
+            ) from None
+        if os.fstat(fd).st_size < segment.size:
+            os.close(fd)
+            raise StateError(
+                f"history file {path} is shorter than the {segment.size} bytes {self.state_path} records; "
+                "it was cut or replaced"
+            )
+        return fd
+
+    def find_line(self, segment: _Segment, run_id: str) -> Run | None:
+        """The run with ``run_id`` in a history file, found in its bytes; one line decoded."""
+        if segment.size <= segment.head:
+            return None
+        # Every line starts with its ID (the contract's first key), as this module writes it.
+        needle = b'{"id": ' + json.dumps(run_id).encode() + b","
+        fd = self._open_history(segment)
+        try:
+            with mmap.mmap(fd, segment.size, prot=mmap.PROT_READ) as view:
+                position = view.find(needle, segment.head, segment.size)
+                while position >= 0:
+                    if position == segment.head or view[position - 1] == 0x0A:
+                        end = view.find(b"\n", position, segment.size)
+                        end = segment.size if end < 0 else end
+                        run = _decode_line(view[position:end], self.history_dir / segment.file, position)
+                        if run.id == run_id:
+                            return run
+                    position = view.find(needle, position + 1, segment.size)
+        finally:
+            os.close(fd)
+        return None
+
+    def lines_backwards(self, segment: _Segment) -> Iterator[Run]:
+        """The committed runs of a history file, last first, read from the end in chunks."""
+        path = self.history_dir / segment.file
+        end = segment.size
+        carry = b""  # the start of a line cut by the previous chunk's start, with its newline
+        while end > segment.head:
+            start = max(segment.head, end - _READ_CHUNK)
+            block = self.read_region(segment, start, end) + carry
+            skip = 0
+            if start > segment.head:
+                skip = block.find(b"\n") + 1
+                if skip == 0:
+                    carry, end = block, start
+                    continue
+            carry = block[:skip]
+            lines: list[tuple[int, bytes]] = []
+            offset = start + skip
+            for line in block[skip:].split(b"\n"):
+                lines.append((offset, line))
+                offset += len(line) + 1
+            for offset, line in reversed(lines):
+                if line:
+                    yield _decode_line(line, path, offset)
+            end = start
+
+    def lines_forwards(self, segment: _Segment, limit: int | None = None) -> Iterator[tuple[int, Run]]:
+        """``(length with its newline, run)`` of a history file's committed runs, first first."""
+        path = self.history_dir / segment.file
+        buffer = b""
+        index = 0  # where the next line starts in buffer
+        base = segment.head  # the file offset of buffer[0]
+        read_to = segment.head
+        taken = 0
+        blank = 0  # empty lines before the next run, counted into its length
+        while limit is None or taken < limit:
+            newline = buffer.find(b"\n", index)
+            if newline < 0:
+                if read_to >= segment.size:
+                    if index < len(buffer):
+                        yield blank + len(buffer) - index, _decode_line(buffer[index:], path, base + index)
+                    return
+                end = min(segment.size, read_to + _READ_CHUNK)
+                buffer, base, index = buffer[index:] + self.read_region(segment, read_to, end), base + index, 0
+                read_to = end
+                continue
+            if newline > index:
+                taken += 1
+                yield blank + newline + 1 - index, _decode_line(buffer[index:newline], path, base + index)
+                blank = 0
+            else:
+                blank += 1
+            index = newline + 1
+
+    # -- writing ----------------------------------------------------------------------
+
+    def write_state(self, state: _State, *, durable: bool) -> None:
+        data = _encode_state(state)
+        if state.version < FORMAT_VERSION:
+            self._keep_backup_of_old_format(state.version)
+        _refuse_symlink(self.state_path, "state file")
+        self._remove_orphaned_temporaries()
+        tmp_path: str | None = None
+        try:
+            # mkstemp creates the file 0600 whatever the umask.
+            fd, tmp_path = tempfile.mkstemp(dir=self.state_dir, prefix=f".{STATE_FILE_NAME}.", suffix=".tmp")
+            try:
+                _write_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_path, self.state_path)
+            tmp_path = None
+            if durable:
+                fsync_dir(self.state_dir)
+        except OSError as error:
+            raise StateError(
+                f"cannot write state file {self.state_path}: {_oserror_text(error)}; the previous state is intact"
+            ) from None
+        finally:
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_path)
+        state.version = FORMAT_VERSION
+
+    def append_history(self, segment: _Segment, data: bytes) -> None:
+        """Write ``data`` after the committed part of a history file and flush it (not yet committed)."""
+        fd = self._open_for_writing(segment.file)
+        try:
+            # Bytes past the committed size belong to a writer killed before its commit.
+            os.ftruncate(fd, segment.size)
+            _write_all(fd, data, segment.size)
+            os.fsync(fd)
+        except OSError as error:
+            raise self._cannot_write(segment.file, error) from None
+        finally:
+            os.close(fd)
+
+    def new_history_file(self, machine: str, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """A fresh, flushed history file for ``machine`` holding ``chunks``; its name and size."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", machine)[:60]
+        digest = hashlib.sha256(machine.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = f"{safe}-{digest}-{secrets.token_hex(4)}.jsonl"
+        fd = self._open_for_writing(name, exclusive=True)
+        size = 0
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk, size)
+                size += len(chunk)
+            os.fsync(fd)
+        except OSError as error:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.history_dir / name)
+            raise self._cannot_write(name, error) from None
+        os.close(fd)
+        return name, size
+
+    def _cannot_write(self, name: str, error: OSError) -> StateError:
+        return StateError(
+            f"cannot write history file {self.history_dir / name}: {_oserror_text(error)}; the previous state is intact"
+        )
+
+    def _open_for_writing(self, name: str, *, exclusive: bool = False) -> int:
+        make_private_dir(self.history_dir)
+        path = self.history_dir / name
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0)
+        try:
+            return open_regular_file(path, flags, "history file")
+        except FileNotFoundError as error:
+            raise StateError(f"cannot write history file {path}: {_oserror_text(error)}") from None
+
+    def remove_unreferenced_history(self, keep: set[str]) -> None:
+        """Delete history files no committed state names (left by a writer killed mid-commit)."""
+        if os.path.islink(self.history_dir) or not self.history_dir.is_dir():
+            return
+        for path in self.history_dir.iterdir():
+            if path.name not in keep and _HISTORY_FILE.match(path.name):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _keep_backup_of_old_format(self, version: int) -> None:
+        # A hard link keeps the old file's bytes once the new state is renamed over it.
+        backup = self.state_dir / f"{STATE_FILE_NAME}.v{version}.bak"
+        with contextlib.suppress(FileNotFoundError, FileExistsError):
+            os.link(self.state_path, backup)
+            _log.warning(
+                "pytest-runs: upgraded state file %s from format %d to %d; the old file is kept as %s",
+                self.state_path,
+                version,
+                FORMAT_VERSION,
+                backup,
+            )
+
+    def _remove_orphaned_temporaries(self) -> None:
+        # Temporaries are only written under the file lock, which we hold: any still here
+        # belong to a writer that was killed mid-write.
+        for orphan in self.state_dir.glob(f".{STATE_FILE_NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                orphan.unlink()
+
+    def _locked_out(self) -> StoreLocked:
+        holders = lock_holders(self.lock_path)
+        if holders == [os.getpid()]:
+            # Another Store on this dir, used inside a critical section of this one?
+            who = f" by this process (PID {os.getpid()}), through another Store object,"
+        else:
+            who = f" by PID {', '.join(map(str, holders))}" if holders else ""
+        return StoreLocked(
+            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:.3g}s; "
+            "if that process is stuck, stop it",
+            holders,
+        )
+
+
+class FileTransaction:
+    """One critical section of a :class:`FileBackend`: the state read, and the changes to commit."""
+
+    def __init__(self, backend: FileBackend, state: _State) -> None:
+        self.backend = backend
+        self.state = state
+        self.changed = False
+        # Per machine: ended runs to append, the whole new list of committed runs (when a
+        # change is not an append or a cut from the head), and (bytes, runs) cut from the head.
+        self._appended: dict[str, list[Run]] = {}
+        self._rewritten: dict[str, list[Run]] = {}
+        self._cut: dict[str, tuple[int, int]] = {}
+        for run in state.legacy_ended:
+            self._appended.setdefault(run.machine, []).append(run)
+        state.legacy_ended = []
+
+    # -- reads ------------------------------------------------------------------------
+
+    def latest_id(self) -> str | None:
+        return self.state.latest_id
+
+    def active(self) -> list[Run]:
+        return [_copy(run) for run in self.state.active]
+
+    def get(self, run_id: str) -> Run | None:
+        for run in self.state.active:
+            if run.id == run_id:
+                return _copy(run)
+        for machine in self._touched_or_kept():
+            for run in self._appended.get(machine, []) + self._rewritten.get(machine, []):
+                if run.id == run_id:
+                    return _copy(run)
+            segment = self.state.history.get(machine)
+            if segment is not None and machine not in self._rewritten:
+                found = self.backend.find_line(self._live(machine, segment), run_id)
+                if found is not None:
+                    return found
+        return None
+
+    def machines(self) -> list[str]:
+        names = {run.machine for run in self.state.active}
+        names.update(machine for machine in self._touched_or_kept() if self.ended_count(machine))
+        return sorted(names)
+
+    def ended_count(self, machine: str) -> int:
+        if machine in self._rewritten:
+            committed = len(self._rewritten[machine])
+        else:
+            segment = self.state.history.get(machine)
+            committed = segment.count - self._cut.get(machine, (0, 0))[1] if segment else 0
+        return committed + len(self._appended.get(machine, []))
+
+    def last_ended(self, machine: str) -> Run | None:
+        return next(self._backwards(machine), None)
+
+    def oldest_ended(self, machine: str, count: int) -> list[Run]:
+        oldest: list[Run] = []
+        if count <= 0:
+            return oldest
+        oldest.extend(self._committed_forwards(machine, limit=count))
+        return (oldest + self._appended.get(machine, []))[:count]
+
+    def ended(self) -> Iterator[Run]:
+        for machine in sorted(self._touched_or_kept()):
+            yield from self._committed_forwards(machine)
+            yield from (_copy(run) for run in self._appended.get(machine, []))
+
+    def newest_first(self) -> Iterator[Run]:
+        streams: list[Iterator[Run]] = [iter(sorted(self.active(), key=_by_id, reverse=True))]
+        streams.extend(self._backwards(machine) for machine in self._touched_or_kept())
+        return heapq.merge(*streams, key=_by_id, reverse=True)
+
+    # -- changes ----------------------------------------------------------------------
+
+    def next_fence(self, machine: str) -> int:
+        # The counter survives prune; active runs' own fences cover a counter that was lost.
+        latest = max((run.fence or 0 for run in self.state.active if run.machine == machine), default=0)
+        fence = max(self.state.fences.get(machine, 0), latest) + 1
+        self.state.fences[machine] = fence
+        self.changed = True
+        return fence
+
+    def add(self, run: Run) -> None:
+        if self.state.latest_id is None or run.id > self.state.latest_id:
+            self.state.latest_id = run.id
+        if run.status.is_terminal:
+            self._appended.setdefault(run.machine, []).append(_copy(run))
+        else:
+            self.state.active.append(_copy(run))
+        self.changed = True
+
+    def replace(self, run: Run) -> None:
+        self.changed = True
+        for index, stored in enumerate(self.state.active):
+            if stored.id == run.id:
+                if run.status.is_terminal:
+                    del self.state.active[index]
+                    self._appended.setdefault(run.machine, []).append(_copy(run))
+                else:
+                    self.state.active[index] = _copy(run)
+                return
+        appended = self._appended.get(run.machine, [])
+        for index, stored in enumerate(appended):
+            if stored.id == run.id:
+                appended[index] = _copy(run)
+                return
+        records = self._committed_list(run.machine)
+        self._rewritten[run.machine] = [_copy(run) if stored.id == run.id else stored for stored in records]
+
+    def delete(self, runs: list[Run]) -> None:
+        doomed: dict[str, set[str]] = {}
+        for run in runs:
+            doomed.setdefault(run.machine, set()).add(run.id)
+        for machine, ids in doomed.items():
+            self.changed = True
+            appended = self._appended.get(machine, [])
+            self._appended[machine] = [run for run in appended if run.id not in ids]
+            ids -= {run.id for run in appended}
+            if not ids:
+                continue
+            if machine not in self._rewritten:
+                self._cut_head(machine, ids)
+            if ids:
+                records = self._committed_list(machine)
+                self._rewritten[machine] = [run for run in records if run.id not in ids]
+
+    def _cut_head(self, machine: str, ids: set[str]) -> None:
+        """Drop doomed runs that are the oldest committed ones by moving the head; leave the rest in ``ids``."""
+        segment = self.state.history.get(machine)
+        if segment is None:
+            return
+        cut_bytes, cut_runs = self._cut.get(machine, (0, 0))
+        for length, run in self.backend.lines_forwards(self._live(machine, segment)):
+            if run.id not in ids:
+                break
+            ids.discard(run.id)
+            cut_bytes += length
+            cut_runs += 1
+        self._cut[machine] = (cut_bytes, cut_runs)
+
+    # -- commit -----------------------------------------------------------------------
+
+    def commit(self, *, durable: bool) -> None:
+        backend = self.backend
+        state = self.state
+        history = dict(state.history)
+        replaced: set[str] = set()
+        created = False
+        for machine in set(self._appended) | set(self._rewritten) | set(self._cut):
+            segment = history.get(machine)
+            appended = self._appended.get(machine, [])
+            if machine in self._rewritten or segment is None:
+                if segment is not None:
+                    replaced.add(segment.file)
+                records = self._rewritten.get(machine, []) + appended
+                if not records:
+                    history.pop(machine, None)
+                    continue
+                name, size = backend.new_history_file(machine, (_encode_line(run) for run in records))
+                history[machine] = _Segment(name, 0, size, len(records))
+                created = True
+                continue
+            cut_bytes, cut_runs = self._cut.get(machine, (0, 0))
+            segment = _Segment(segment.file, segment.head + cut_bytes, segment.size, segment.count - cut_runs)
+            if appended:
+                data = b"".join(_encode_line(run) for run in appended)
+                backend.append_history(segment, data)
+                segment.size += len(data)
+                segment.count += len(appended)
+            if segment.count == 0:
+                replaced.add(segment.file)
+                history.pop(machine)
+            elif segment.head >= COMPACT_MIN_BYTES and segment.head * 2 > segment.size:
+                live = backend.read_region(segment, segment.head, segment.size)
+                name, size = backend.new_history_file(machine, [live])
+                replaced.add(segment.file)
+                history[machine] = _Segment(name, 0, size, segment.count)
+                created = True
+            else:
+                history[machine] = segment
+        if created:
+            fsync_dir(backend.history_dir)
+        upgrading = state.version < FORMAT_VERSION
+        state.history = history
+        backend.write_state(state, durable=durable)
+        self._appended, self._rewritten, self._cut = {}, {}, {}
+        if upgrading or replaced:
+            backend.remove_unreferenced_history({segment.file for segment in history.values()})
+
+    # -- internals --------------------------------------------------------------------
+
+    def _touched_or_kept(self) -> set[str]:
+        return set(self.state.history) | set(self._appended) | set(self._rewritten)
+
+    def _live(self, machine: str, segment: _Segment) -> _Segment:
+        cut_bytes, cut_runs = self._cut.get(machine, (0, 0))
+        return _Segment(segment.file, segment.head + cut_bytes, segment.size, segment.count - cut_runs)
+
+    def _committed_forwards(self, machine: str, limit: int | None = None) -> Iterator[Run]:
+        if machine in self._rewritten:
+            yield from (_copy(run) for run in self._rewritten[machine][:limit])
+            return
+        segment = self.state.history.get(machine)
+        if segment is not None:
+            for _, run in self.backend.lines_forwards(self._live(machine, segment), limit):
+                yield run
+
+    def _committed_list(self, machine: str) -> list[Run]:
+        return list(self._committed_forwards(machine))
+
+    def _backwards(self, machine: str) -> Iterator[Run]:
+        yield from (_copy(run) for run in reversed(self._appended.get(machine, [])))
+        if machine in self._rewritten:
+            yield from (_copy(run) for run in reversed(self._rewritten[machine]))
+            return
+        segment = self.state.history.get(machine)
+        if segment is not None:
+            yield from self.backend.lines_backwards(self._live(machine, segment))
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def _encode_line(run: Run) -> bytes:
+    # ASCII escapes: any text a run holds (a surrogate from an undecodable path) stays one valid line.
+    return json.dumps(run.to_dict()).encode() + b"\n"
+
+
+def _decode_line(line: bytes, path: Path, offset: int) -> Run:
+    try:
+        return _decode_run(_load_json(line, f"history file {path} at byte {offset}"))
+    except (TypeError, ValueError) as error:
+        raise StateError(f"history file {path} at byte {offset}: {error}") from None
+
+
+def _decode_run(record: Any) -> Run:
+    run = Run.from_dict(record)
+    if missing := [key for key in _REQUIRED_KEYS if not record.get(key)]:
+        raise ValueError(f"required field {missing[0]!r} is missing or empty")
+    return run
+
+
+def _load_json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StateError(f"{what} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:
+        # A number of thousands of digits, or nesting deeper than Python's stack.
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+        raise StateError(f"{what} cannot be read: {reason}") from None
+
+
+def _encode_state(state: _State) -> bytes:
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "latest_id": state.latest_id,
+        "fences": state.fences,
+        "history": {machine: segment.to_dict() for machine, segment in sorted(state.history.items())},
+    }
+    # One active run per line: readable and diffable.
+    lines = ",\n".join(json.dumps(run.to_dict()) for run in state.active)
+    return f'{json.dumps(header)[:-1]}, "runs": [\n{lines}\n]}}\n'.encode()
+
+
+def _decode_state(raw: bytes, path: Path) -> _State:
+    if not raw.strip():
+        raise StateError(f"state file {path} is empty; refusing to treat it as an empty store")
+    document = _load_json(raw, f"state file {path}")
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise StateError(f'state file {path} is not a pytest-runs state file (no "format": "{FORMAT_NAME}")')
+    version = document.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StateError(f"state file {path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise StateError(
+            f"state file {path} has format version {version}, newer than this pytest-runs reads "
+            f"({FORMAT_VERSION}); upgrade pytest-runs"
+        )
+    records = document.get("runs")
+    if not isinstance(records, list):
+        raise StateError(f'state file {path} has no "runs" list')
+    fences = document.get("fences", {})
+    if not isinstance(fences, dict) or not all(_is_count(value) for value in fences.values()):
+        raise StateError(f'state file {path} has a bad "fences" map (machine names to integers)')
+    runs = []
+    for position, record in enumerate(records):
+        try:
+            runs.append(_decode_run(record))
+        except (TypeError, ValueError) as error:
+            raise StateError(f"state file {path}: run #{position}: {error}") from None
+    state = _State(version=version, fences=fences)
+    if version < 3:
+        # Format 1 and 2 kept every run here: the upgrade moves the ended ones to history.
+        state.active = [run for run in runs if not run.status.is_terminal]
+        state.legacy_ended = [run for run in runs if run.status.is_terminal]
+        state.latest_id = max((run.id for run in runs), default=None)
+        for run in runs:
+            if run.fence is not None and run.fence > fences.get(run.machine, 0):
+                fences[run.machine] = run.fence
+        return state
+    if terminal := [run.id for run in runs if run.status.is_terminal]:
+        raise StateError(f'state file {path}: ended run {terminal[0]} is among the active "runs"')
+    state.active = runs
+    latest = document.get("latest_id")
+    if latest is not None and not isinstance(latest, str):
+        raise StateError(f'state file {path} has a bad "latest_id" {latest!r}')
+    state.latest_id = latest
+    history = document.get("history")
+    if not isinstance(history, dict):
+        raise StateError(f'state file {path} has no "history" map')
+    for machine, entry in history.items():
+        try:
+            state.history[machine] = _decode_segment(entry)
+        except (TypeError, ValueError) as error:
+            raise StateError(f"state file {path}: history of {machine!r}: {error}") from None
+    return state
+
+
+def _decode_segment(entry: Any) -> _Segment:
+    if not isinstance(entry, dict) or set(entry) != {"file", "head", "size", "count"}:
+        raise ValueError('must be an object with "file", "head", "size" and "count"')
+    name = entry["file"]
+    if not isinstance(name, str) or not _HISTORY_FILE.match(name) or name.startswith("."):
+        raise ValueError(f"bad file name {name!r}")
+    if not all(_is_count(entry[key]) for key in ("head", "size", "count")) or entry["head"] > entry["size"]:
+        raise ValueError("head, size and count must be integers with 0 <= head <= size")
+    return _Segment(name, entry["head"], entry["size"], entry["count"])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _copy(run: Run) -> Run:
+    duplicate: Run = copy.deepcopy(run)
+    return duplicate
+
+
+def _by_id(run: Run) -> str:
+    return run.id
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to stable storage."""
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _refuse_symlink(path: Path, what: str) -> None:
+    if path.is_symlink():
+        raise StateError(f"{what} {path} is a symbolic link; refusing to use it")
+
+
+def check_state_dir(where: Path) -> None:
+    """Refuse a state dir that can never work, or that others may write to."""
+    try:
+        info = os.lstat(where)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise StateError(f"cannot create state dir {where}: a parent is not a directory") from None
+    except OSError as error:
+        raise StateError(f"cannot use state dir {where}: {_oserror_text(error)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        info = os.stat(where)  # a symlinked state dir is the user's choice; its target must be sound
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateError(f"state dir {where} exists and is not a directory")
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise StateError(
+            f"state dir {where} can be written by any user (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"make it private with: chmod 700 {where}"
+        )
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise StateError(f"state dir {where} is not writable")
+
+
+def ensure_state_dir(where: Path) -> None:
+    """Create the state dir (0700, whatever the umask) and its parents if missing."""
+    if where.is_dir():
+        return
+    try:
+        where.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "a parent is not a directory" if isinstance(error, FileExistsError) else _oserror_text(error)
+        raise StateError(f"cannot create state dir {where}: {reason}") from None
+    try:
+        os.mkdir(where, 0o700)
+        # mkdir's mode is filtered through the umask; make it exactly 0700.
+        os.chmod(where, 0o700)
+    except FileExistsError:
+        if not where.is_dir():  # another thread or process may have made it meanwhile: fine
+            raise StateError(f"state dir {where} exists and is not a directory") from None
+    except OSError as error:
+        reason = "a parent is not a directory" if isinstance(error, NotADirectoryError) else _oserror_text(error)
+        raise StateError(f"cannot create state dir {where}: {reason}") from None
+
+
+def lock_holders(path: Path) -> list[int]:
+    """PIDs that hold a lock on ``path``, from ``/proc/locks`` (Linux); empty where the kernel does not tell."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            table = handle.read()
+    except OSError:
+        return []
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = []
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:123 0 EOF"; waiters have a "->" before the kind.
+        if len(fields) >= 6 and fields[1] != "->" and fields[5] == where and fields[4].lstrip("-").isdigit():
+            pid = int(fields[4])
+            if pid > 0 and pid not in holders:
+                holders.append(pid)
+    return holders
+
+
+def open_regular_file(path: Path, flags: int, what: str) -> int:
+    """Open ``path`` (created 0600 with ``O_CREAT``) never through a symlink, and only if it is a regular file.
+
+    ``FileNotFoundError`` passes through; any other failure is a :class:`StateError` naming ``what``.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StateError(f"{what} {path} is a symbolic link; refusing to use it") from None
+        raise StateError(f"cannot open {what} {path}: {_oserror_text(error)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateError(f"{what} {path} is not a regular file")
+    return fd
+
+
+def make_private_dir(path: Path) -> None:
+    """Create a 0700 folder (whatever the umask) unless it exists; refuse a symlink or non-folder there."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise StateError(f"cannot create {path}: {_oserror_text(error)}") from None
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise StateError(f"{path} is a symbolic link; refusing to write through it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise StateError(f"{path} exists and is not a folder")
