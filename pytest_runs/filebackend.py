@@ -7,14 +7,17 @@ Layout of a state dir (format 3)::
                             entry per machine's history (file, committed head and size,
                             count), and the active runs
     history/<machine>-<random>.jsonl
-                            ended runs of one machine, one JSON run per line, in the
-                            order they ended
+                            ended runs of one machine, one JSON run per line, in ID
+                            (creation) order
 
 ``runs.json`` is the commit point. A transaction appends ended runs to a history file
 beyond its committed size and fsyncs it, then writes the new ``runs.json`` to a temporary
 file, fsyncs it, renames it over the old one and fsyncs the folder. A writer killed at any
 moment leaves the old or the new state: bytes past a history's committed size are not
-part of the store, and the next writer cuts them off. Dropping a machine's oldest ended
+part of the store, and the next writer cuts them off. A machine holds one active run at a
+time, so its runs end in ID order and a finish is an append; a run that ends out of order
+(one made with ``create`` beside an active one) makes its machine's file be rewritten in
+order, so every history file stays sorted. Dropping a machine's oldest ended
 runs (retention) moves its committed head; the dead prefix is copied away once it
 outweighs the live part, so each ended run is written a bounded number of times.
 
@@ -30,12 +33,14 @@ format is refused.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import dataclasses
 import errno
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import mmap
@@ -79,12 +84,16 @@ def _oserror_text(error: OSError) -> str:
 
 @dataclasses.dataclass
 class _Segment:
-    """The committed part of one machine's history file: bytes ``[head, size)``, ``count`` runs."""
+    """The committed part of one machine's history file: bytes ``[head, size)``, ``count`` runs.
+
+    ``last`` is the largest ID in it: a run that ends with a smaller one cannot be appended.
+    """
 
     file: str
     head: int = 0
     size: int = 0
     count: int = 0
+    last: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,10 +288,11 @@ class FileBackend:
 
     def write_state(self, state: _State, *, durable: bool) -> None:
         data = _encode_state(state)
-        if state.version < FORMAT_VERSION:
-            self._keep_backup_of_old_format(state.version)
         _refuse_symlink(self.state_path, "state file")
         self._remove_orphaned_temporaries()
+        # A hard link keeps an older format's bytes once the new state is renamed over it.
+        backup = self.state_dir / f"{STATE_FILE_NAME}.v{state.version}.bak"
+        made_backup = state.version < FORMAT_VERSION and _link_if_absent(self.state_path, backup)
         tmp_path: str | None = None
         try:
             # mkstemp creates the file 0600 whatever the umask.
@@ -297,6 +307,9 @@ class FileBackend:
             if durable:
                 fsync_dir(self.state_dir)
         except OSError as error:
+            if made_backup:
+                with contextlib.suppress(OSError):
+                    os.unlink(backup)
             raise StateError(
                 f"cannot write state file {self.state_path}: {_oserror_text(error)}; the previous state is intact"
             ) from None
@@ -304,7 +317,15 @@ class FileBackend:
             if tmp_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_path)
-        state.version = FORMAT_VERSION
+        if state.version < FORMAT_VERSION:
+            _log.warning(
+                "pytest-runs: upgraded state file %s from format %d to %d; the old file is kept as %s",
+                self.state_path,
+                state.version,
+                FORMAT_VERSION,
+                backup,
+            )
+            state.version = FORMAT_VERSION
 
     def append_history(self, segment: _Segment, data: bytes) -> None:
         """Write ``data`` after the committed part of a history file and flush it (not yet committed)."""
@@ -362,19 +383,6 @@ class FileBackend:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
-    def _keep_backup_of_old_format(self, version: int) -> None:
-        # A hard link keeps the old file's bytes once the new state is renamed over it.
-        backup = self.state_dir / f"{STATE_FILE_NAME}.v{version}.bak"
-        with contextlib.suppress(FileNotFoundError, FileExistsError):
-            os.link(self.state_path, backup)
-            _log.warning(
-                "pytest-runs: upgraded state file %s from format %d to %d; the old file is kept as %s",
-                self.state_path,
-                version,
-                FORMAT_VERSION,
-                backup,
-            )
-
     def _remove_orphaned_temporaries(self) -> None:
         # Temporaries are only written under the file lock, which we hold: any still here
         # belong to a writer that was killed mid-write.
@@ -409,7 +417,7 @@ class FileTransaction:
         self._rewritten: dict[str, list[Run]] = {}
         self._cut: dict[str, tuple[int, int]] = {}
         for run in state.legacy_ended:
-            self._appended.setdefault(run.machine, []).append(run)
+            self._append(run)
         state.legacy_ended = []
 
     # -- reads ------------------------------------------------------------------------
@@ -452,16 +460,13 @@ class FileTransaction:
         return next(self._backwards(machine), None)
 
     def oldest_ended(self, machine: str, count: int) -> list[Run]:
-        oldest: list[Run] = []
         if count <= 0:
-            return oldest
-        oldest.extend(self._committed_forwards(machine, limit=count))
-        return (oldest + self._appended.get(machine, []))[:count]
+            return []
+        return list(itertools.islice(self._forwards(machine, limit=count), count))
 
     def ended(self) -> Iterator[Run]:
         for machine in sorted(self._touched_or_kept()):
-            yield from self._committed_forwards(machine)
-            yield from (_copy(run) for run in self._appended.get(machine, []))
+            yield from self._forwards(machine)
 
     def newest_first(self) -> Iterator[Run]:
         streams: list[Iterator[Run]] = [iter(sorted(self.active(), key=_by_id, reverse=True))]
@@ -482,7 +487,7 @@ class FileTransaction:
         if self.state.latest_id is None or run.id > self.state.latest_id:
             self.state.latest_id = run.id
         if run.status.is_terminal:
-            self._appended.setdefault(run.machine, []).append(_copy(run))
+            self._append(_copy(run))
         else:
             self.state.active.append(_copy(run))
         self.changed = True
@@ -493,7 +498,7 @@ class FileTransaction:
             if stored.id == run.id:
                 if run.status.is_terminal:
                     del self.state.active[index]
-                    self._appended.setdefault(run.machine, []).append(_copy(run))
+                    self._append(_copy(run))
                 else:
                     self.state.active[index] = _copy(run)
                 return
@@ -522,6 +527,9 @@ class FileTransaction:
                 records = self._committed_list(machine)
                 self._rewritten[machine] = [run for run in records if run.id not in ids]
 
+    def _append(self, run: Run) -> None:
+        bisect.insort(self._appended.setdefault(run.machine, []), run, key=_by_id)
+
     def _cut_head(self, machine: str, ids: set[str]) -> None:
         """Drop doomed runs that are the oldest committed ones by moving the head; leave the rest in ``ids``."""
         segment = self.state.history.get(machine)
@@ -547,24 +555,27 @@ class FileTransaction:
         for machine in set(self._appended) | set(self._rewritten) | set(self._cut):
             segment = history.get(machine)
             appended = self._appended.get(machine, [])
+            if appended and segment is not None and machine not in self._rewritten and appended[0].id <= segment.last:
+                # Ended out of ID order: rewrite the file in order rather than append.
+                self._rewritten[machine] = self._committed_list(machine)
             if machine in self._rewritten or segment is None:
                 if segment is not None:
                     replaced.add(segment.file)
-                records = self._rewritten.get(machine, []) + appended
+                records = sorted(self._rewritten.get(machine, []) + appended, key=_by_id)
                 if not records:
                     history.pop(machine, None)
                     continue
                 name, size = backend.new_history_file(machine, (_encode_line(run) for run in records))
-                history[machine] = _Segment(name, 0, size, len(records))
+                history[machine] = _Segment(name, 0, size, len(records), records[-1].id)
                 created = True
                 continue
-            cut_bytes, cut_runs = self._cut.get(machine, (0, 0))
-            segment = _Segment(segment.file, segment.head + cut_bytes, segment.size, segment.count - cut_runs)
+            segment = self._live(machine, segment)
             if appended:
                 data = b"".join(_encode_line(run) for run in appended)
                 backend.append_history(segment, data)
                 segment.size += len(data)
                 segment.count += len(appended)
+                segment.last = appended[-1].id
             if segment.count == 0:
                 replaced.add(segment.file)
                 history.pop(machine)
@@ -572,7 +583,7 @@ class FileTransaction:
                 live = backend.read_region(segment, segment.head, segment.size)
                 name, size = backend.new_history_file(machine, [live])
                 replaced.add(segment.file)
-                history[machine] = _Segment(name, 0, size, segment.count)
+                history[machine] = _Segment(name, 0, size, segment.count, segment.last)
                 created = True
             else:
                 history[machine] = segment
@@ -592,7 +603,11 @@ class FileTransaction:
 
     def _live(self, machine: str, segment: _Segment) -> _Segment:
         cut_bytes, cut_runs = self._cut.get(machine, (0, 0))
-        return _Segment(segment.file, segment.head + cut_bytes, segment.size, segment.count - cut_runs)
+        return _Segment(segment.file, segment.head + cut_bytes, segment.size, segment.count - cut_runs, segment.last)
+
+    def _forwards(self, machine: str, limit: int | None = None) -> Iterator[Run]:
+        appended = (_copy(run) for run in self._appended.get(machine, []))
+        return heapq.merge(self._committed_forwards(machine, limit), appended, key=_by_id)
 
     def _committed_forwards(self, machine: str, limit: int | None = None) -> Iterator[Run]:
         if machine in self._rewritten:
@@ -607,7 +622,10 @@ class FileTransaction:
         return list(self._committed_forwards(machine))
 
     def _backwards(self, machine: str) -> Iterator[Run]:
-        yield from (_copy(run) for run in reversed(self._appended.get(machine, [])))
+        appended = (_copy(run) for run in reversed(self._appended.get(machine, [])))
+        return heapq.merge(appended, self._committed_backwards(machine), key=_by_id, reverse=True)
+
+    def _committed_backwards(self, machine: str) -> Iterator[Run]:
         if machine in self._rewritten:
             yield from (_copy(run) for run in reversed(self._rewritten[machine]))
             return
@@ -717,14 +735,16 @@ def _decode_state(raw: bytes, path: Path) -> _State:
 
 
 def _decode_segment(entry: Any) -> _Segment:
-    if not isinstance(entry, dict) or set(entry) != {"file", "head", "size", "count"}:
-        raise ValueError('must be an object with "file", "head", "size" and "count"')
+    if not isinstance(entry, dict) or set(entry) != {"file", "head", "size", "count", "last"}:
+        raise ValueError('must be an object with "file", "head", "size", "count" and "last"')
+    if not isinstance(entry["last"], str):
+        raise ValueError(f"bad last ID {entry['last']!r}")
     name = entry["file"]
     if not isinstance(name, str) or not _HISTORY_FILE.match(name) or name.startswith("."):
         raise ValueError(f"bad file name {name!r}")
     if not all(_is_count(entry[key]) for key in ("head", "size", "count")) or entry["head"] > entry["size"]:
         raise ValueError("head, size and count must be integers with 0 <= head <= size")
-    return _Segment(name, entry["head"], entry["size"], entry["count"])
+    return _Segment(name, entry["head"], entry["size"], entry["count"], entry["last"])
 
 
 def _is_count(value: Any) -> bool:
@@ -749,6 +769,17 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _link_if_absent(source: Path, link: Path) -> bool:
+    """Hard-link ``source`` as ``link`` unless ``link`` exists; whether this call made it."""
+    try:
+        os.link(source, link)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise StateError(f"cannot keep a backup of {source} as {link}: {_oserror_text(error)}") from None
+    return True
 
 
 def fsync_dir(path: Path) -> None:

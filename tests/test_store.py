@@ -31,9 +31,14 @@ from pytest_runs import (
 from pytest_runs.store import FORMAT_VERSION
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "state")
+@pytest.fixture(params=["format-3", "upgraded-from-format-1"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A new store, and one that a format-1 file (as pytest-runs 0.1 wrote it) becomes on first use."""
+    state = tmp_path / "state"
+    if request.param == "upgraded-from-format-1":
+        state.mkdir(mode=0o700)
+        (state / "runs.json").write_text('{"format": "pytest-runs-state", "version": 1, "runs": []}\n')
+    return Store(state)
 
 
 def pending(machine: str = "rig-1", test_dir_hash: str = "h1") -> Run:
@@ -215,9 +220,10 @@ def test_terminal_runs_never_block(store: Store, status: Status) -> None:
 
 @pytest.mark.parametrize(("machine", "test_dir_hash"), [("", "h"), ("rig-1", "")])
 def test_prepare_refuses_empty_names(store: Store, machine: str, test_dir_hash: str) -> None:
+    before = store.state_path.read_bytes() if store.state_path.exists() else None
     with pytest.raises(ValueError, match="must be a non-empty string"):
         store.prepare_atomic(machine, test_dir_hash, pending)
-    assert not store.state_path.exists()
+    assert (store.state_path.read_bytes() if store.state_path.exists() else None) == before, "nothing written"
 
 
 def test_prepare_refuses_a_mk_for_another_machine(store: Store) -> None:
@@ -394,6 +400,7 @@ def test_writes_are_fsynced_file_then_directory(store: Store, monkeypatch: pytes
 def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     kept = store.create(pending())
     before = store.state_path.read_bytes()
+    names = sorted(p.name for p in store.state_dir.iterdir())
 
     def broken(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -405,7 +412,7 @@ def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pyte
     monkeypatch.undo()
     assert store.state_path.read_bytes() == before
     assert store.list() == [kept]
-    assert sorted(p.name for p in store.state_dir.iterdir()) == ["runs.json", "runs.lock"]
+    assert sorted(p.name for p in store.state_dir.iterdir()) == names
 
 
 def test_symlinked_state_file_is_refused(tmp_path: Path) -> None:
