@@ -1,34 +1,40 @@
-"""The JSON-file backend: active runs in one small file, ended runs in per-machine histories.
+"""The JSON-file backend: active runs in a small state, ended runs in per-machine histories.
 
 Layout of a state dir (format 3)::
 
     runs.lock               the store lock (flock), never removed or replaced
-    runs.json               format header, fence counters, the newest ID given out, one
-                            entry per machine's history (file, committed head and size,
-                            count), and the active runs
-    history/<machine>-<random>.jsonl
-                            ended runs of one machine, one JSON run per line, in ID
+    runs.json               a marker: the format and version, so that an older pytest-runs
+                            refuses this store instead of starting a new one beside it
+    runs.state.0, .1        two slots, each a header line (seq, length, BLAKE2b digest) and
+                            a JSON state: fence counters, the newest ID given out, one entry
+                            per machine's history (file, committed head and size, count,
+                            largest ID), and the active runs
+    history/<machine>-<digest>-<random>.jsonl
+                            the ended runs of one machine, one JSON run per line, in ID
                             (creation) order
 
-``runs.json`` is the commit point. A transaction appends ended runs to a history file
-beyond its committed size and fsyncs it, then writes the new ``runs.json`` to a temporary
-file, fsyncs it, renames it over the old one and fsyncs the folder. A writer killed at any
-moment leaves the old or the new state: bytes past a history's committed size are not
-part of the store, and the next writer cuts them off. A machine holds one active run at a
-time, so its runs end in ID order and a finish is an append; a run that ends out of order
-(one made with ``create`` beside an active one) makes its machine's file be rewritten in
-order, so every history file stays sorted. Dropping a machine's oldest ended
-runs (retention) moves its committed head; the dead prefix is copied away once it
-outweighs the live part, so each ended run is written a bounded number of times.
+A commit writes the whole state into the slot that does not hold the current one and
+flushes it with ``fdatasync``: one flush, no rename. A reader takes the slot with the
+higher sequence number among those whose digest matches; a write cut short by a kill or a
+power cut fails its digest, and the other slot still holds the state committed before it.
+Ended runs go to their machine's history file first: appended past its committed size and
+flushed, then committed with the state. Bytes past a history's committed size are not part
+of the store; the next writer cuts them off. A machine holds one active run at a time, so
+its runs end in ID order and a finish is an append; a run that ends out of order (one
+made with ``create`` beside an active one) makes its machine's file be rewritten in order,
+so every history file stays sorted. Retention moves a history's committed head; the dead
+prefix is copied away once it outweighs the live part, so each ended run is written a
+bounded number of times.
 
-So the hot path (prepare, claim, heartbeat, finish, release) reads and writes
-``runs.json``, whose size depends on the active runs and the machines, never on history;
-a finish appends one line. Listing the newest runs reads history files from their ends;
-finding an ended run by ID searches the history files' bytes and decodes one line.
+So the hot path (prepare, claim, heartbeat, finish, release) reads and writes a state
+whose size depends on the active runs and the machines, never on history, and a finish
+appends one line. Listing the newest runs reads history files from their ends; finding
+an ended run by ID searches the history files' bytes and decodes one line.
 
 Older formats (1 and 2: every run in ``runs.json``) are upgraded on first use, in one
-atomic step, keeping the old file as ``runs.json.v<N>.bak`` and logging one line; a newer
-format is refused.
+atomic step (the slots and history files first, then ``runs.json`` renamed into place),
+keeping the old file as ``runs.json.v<N>.bak`` and logging one line; a newer format is
+refused.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from .storelock import StoreLock
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileBackend", "lock_holders"]
 
 STATE_FILE_NAME = "runs.json"
+SLOT_FILE_NAME = "runs.state"
 LOCK_FILE_NAME = "runs.lock"
 HISTORY_DIR_NAME = "history"
 FORMAT_NAME = "pytest-runs-state"
@@ -76,6 +83,12 @@ _log = logging.getLogger("pytest_runs")
 _REQUIRED_KEYS = ("id", "machine", "status")
 _HISTORY_FILE = re.compile(r"^[A-Za-z0-9._-]{1,120}\.jsonl$")
 _READ_CHUNK = 1 << 18
+_SEGMENT_KEYS = {"file", "head", "size", "count", "last"}
+_MARKER = {
+    "format": FORMAT_NAME,
+    "version": FORMAT_VERSION,
+    "layout": f"active runs in {SLOT_FILE_NAME}.0 and .1 (the valid one with the higher seq); ended runs in history/",
+}
 
 
 def _oserror_text(error: OSError) -> str:
@@ -96,12 +109,18 @@ class _Segment:
     last: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"file": self.file, "head": self.head, "size": self.size, "count": self.count, "last": self.last}
 
 
 @dataclasses.dataclass
 class _State:
+    #: The format of ``runs.json`` as found (the current one for a store not yet written).
     version: int = FORMAT_VERSION
+    #: Whether ``runs.json`` is the current format's marker, so that the slots hold the state.
+    marker: bool = False
+    #: The slot holding this state, and its sequence number; the next commit takes the other slot.
+    slot: int = 1
+    seq: int = 0
     latest_id: str | None = None
     fences: dict[str, int] = dataclasses.field(default_factory=dict)
     history: dict[str, _Segment] = dataclasses.field(default_factory=dict)
@@ -164,7 +183,7 @@ class FileBackend:
                     transaction.changed = True  # the upgrade happens on first use, read or write
                 yield transaction
                 if transaction.changed:
-                    transaction.commit(durable=durable or transaction.state.version < FORMAT_VERSION)
+                    transaction.commit()
             finally:
                 self._file_lock.release()
         finally:
@@ -175,13 +194,53 @@ class FileBackend:
 
     def _read_state(self) -> _State:
         path = self.state_path
-        try:
-            fd = open_regular_file(path, os.O_RDONLY, "state file")
-        except FileNotFoundError:
+        raw = _read_file(path, "state file")
+        if raw is None:
             return _State()
-        with open(fd, "rb") as handle:
-            raw = handle.read()
-        return _decode_state(raw, path)
+        document = _load_document(raw, path)
+        if document["version"] < FORMAT_VERSION:
+            return _decode_legacy(document, path)
+        if "runs" in document:
+            raise StateError(f"state file {path} has format version 3 but holds runs; pytest-runs did not write it")
+        newest: tuple[int, int, bytes] | None = None
+        for slot in (0, 1):
+            found = self._read_slot(slot)
+            if found is not None and (newest is None or found[0] > newest[0]):
+                newest = (found[0], slot, found[1])
+        if newest is None:
+            names = " and ".join(str(self.slot_path(slot)) for slot in (0, 1))
+            raise StateError(f"state file {path} keeps the runs in {names}, but neither holds a complete state")
+        seq, slot, body = newest
+        state = _decode_body(_load_document(body, self.slot_path(slot)), self.slot_path(slot))
+        state.marker, state.slot, state.seq = True, slot, seq
+        return state
+
+    def committed_document(self) -> dict[str, Any]:
+        """The committed state as JSON (format header, fences, history map, active runs), for tools and tests."""
+        with self.transaction(write=False) as transaction:
+            state = transaction.state
+            return json.loads(_encode_state(state)) if state.marker or state.version < FORMAT_VERSION else {}
+
+    def slot_path(self, slot: int) -> Path:
+        return self.state_dir / f"{SLOT_FILE_NAME}.{slot}"
+
+    def _read_slot(self, slot: int) -> tuple[int, bytes] | None:
+        """A slot's sequence number and state, or ``None`` if it is missing or its write never completed."""
+        raw = _read_file(self.slot_path(slot), "state file")
+        if raw is None:
+            return None
+        header, _, body = raw.partition(b"\n")
+        try:
+            fields = json.loads(header)
+            seq, length, digest = fields["seq"], fields["length"], fields["blake2b"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if type(seq) is not int or type(length) is not int or not 0 <= length <= len(body):
+            return None
+        body = body[:length]
+        if hashlib.blake2b(body, digest_size=16).hexdigest() != digest:
+            return None  # torn: a writer was killed or the power cut while it wrote
+        return seq, body
 
     def read_region(self, segment: _Segment, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a history file, checking it still holds its committed part."""
@@ -286,8 +345,49 @@ class FileBackend:
 
     # -- writing ----------------------------------------------------------------------
 
-    def write_state(self, state: _State, *, durable: bool) -> None:
-        data = _encode_state(state)
+    def write_state(self, state: _State) -> None:
+        """Commit ``state``: into the older slot, or for a new or upgraded store, the slots then ``runs.json``."""
+        body = _encode_state(state)
+        if state.marker:
+            self._write_slot(1 - state.slot, state.seq + 1, body)
+            state.slot, state.seq = 1 - state.slot, state.seq + 1
+            return
+        # A slot of an earlier attempt that failed before runs.json changed could be newer.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.slot_path(1))
+        self._write_slot(0, 1, body)
+        self._write_marker(state)
+        state.marker, state.slot, state.seq = True, 0, 1
+
+    def _write_slot(self, slot: int, seq: int, body: bytes) -> None:
+        path = self.slot_path(slot)
+        digest = hashlib.blake2b(body, digest_size=16).hexdigest()
+        data = json.dumps({"seq": seq, "length": len(body), "blake2b": digest}).encode() + b"\n" + body
+        try:
+            created = False
+            try:
+                fd = open_regular_file(path, os.O_WRONLY, "state file")
+            except FileNotFoundError:
+                fd = open_regular_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "state file")
+                created = True
+            try:
+                _write_all(fd, data, 0)
+                os.ftruncate(fd, len(data))
+                os.fdatasync(fd)
+            except OSError:
+                _spoil(fd, len(data))
+                raise
+            finally:
+                os.close(fd)
+            if created:
+                fsync_dir(self.state_dir)
+        except OSError as error:
+            raise StateError(
+                f"cannot write state file {path}: {_oserror_text(error)}; the previous state is intact"
+            ) from None
+
+    def _write_marker(self, state: _State) -> None:
+        data = json.dumps(_MARKER, indent=1).encode() + b"\n"
         _refuse_symlink(self.state_path, "state file")
         self._remove_orphaned_temporaries()
         # A hard link keeps an older format's bytes once the new state is renamed over it.
@@ -304,8 +404,7 @@ class FileBackend:
                 os.close(fd)
             os.replace(tmp_path, self.state_path)
             tmp_path = None
-            if durable:
-                fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
         except OSError as error:
             if made_backup:
                 with contextlib.suppress(OSError):
@@ -546,7 +645,7 @@ class FileTransaction:
 
     # -- commit -----------------------------------------------------------------------
 
-    def commit(self, *, durable: bool) -> None:
+    def commit(self) -> None:
         backend = self.backend
         state = self.state
         history = dict(state.history)
@@ -591,7 +690,7 @@ class FileTransaction:
             fsync_dir(backend.history_dir)
         upgrading = state.version < FORMAT_VERSION
         state.history = history
-        backend.write_state(state, durable=durable)
+        backend.write_state(state)
         self._appended, self._rewritten, self._cut = {}, {}, {}
         if upgrading or replaced:
             backend.remove_unreferenced_history({segment.file for segment in history.values()})
@@ -680,7 +779,18 @@ def _encode_state(state: _State) -> bytes:
     return f'{json.dumps(header)[:-1]}, "runs": [\n{lines}\n]}}\n'.encode()
 
 
-def _decode_state(raw: bytes, path: Path) -> _State:
+def _read_file(path: Path, what: str) -> bytes | None:
+    """A whole small file, never through a symlink; ``None`` if it does not exist."""
+    try:
+        fd = open_regular_file(path, os.O_RDONLY, what)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as handle:
+        return handle.read()
+
+
+def _load_document(raw: bytes, path: Path) -> dict[str, Any]:
+    """A state document whose format this version reads; :class:`StateError` naming ``path`` otherwise."""
     if not raw.strip():
         raise StateError(f"state file {path} is empty; refusing to treat it as an empty store")
     document = _load_json(raw, f"state file {path}")
@@ -694,6 +804,10 @@ def _decode_state(raw: bytes, path: Path) -> _State:
             f"state file {path} has format version {version}, newer than this pytest-runs reads "
             f"({FORMAT_VERSION}); upgrade pytest-runs"
         )
+    return document
+
+
+def _decode_runs(document: dict[str, Any], path: Path) -> tuple[list[Run], dict[str, int]]:
     records = document.get("runs")
     if not isinstance(records, list):
         raise StateError(f'state file {path} has no "runs" list')
@@ -706,19 +820,27 @@ def _decode_state(raw: bytes, path: Path) -> _State:
             runs.append(_decode_run(record))
         except (TypeError, ValueError) as error:
             raise StateError(f"state file {path}: run #{position}: {error}") from None
-    state = _State(version=version, fences=fences)
-    if version < 3:
-        # Format 1 and 2 kept every run here: the upgrade moves the ended ones to history.
-        state.active = [run for run in runs if not run.status.is_terminal]
-        state.legacy_ended = [run for run in runs if run.status.is_terminal]
-        state.latest_id = max((run.id for run in runs), default=None)
-        for run in runs:
-            if run.fence is not None and run.fence > fences.get(run.machine, 0):
-                fences[run.machine] = run.fence
-        return state
+    return runs, fences
+
+
+def _decode_legacy(document: dict[str, Any], path: Path) -> _State:
+    """Format 1 or 2, every run in ``runs.json``: the upgrade moves the ended ones to history."""
+    runs, fences = _decode_runs(document, path)
+    state = _State(version=document["version"], fences=fences)
+    state.active = [run for run in runs if not run.status.is_terminal]
+    state.legacy_ended = [run for run in runs if run.status.is_terminal]
+    state.latest_id = max((run.id for run in runs), default=None)
+    for run in runs:
+        if run.fence is not None and run.fence > fences.get(run.machine, 0):
+            fences[run.machine] = run.fence
+    return state
+
+
+def _decode_body(document: dict[str, Any], path: Path) -> _State:
+    runs, fences = _decode_runs(document, path)
     if terminal := [run.id for run in runs if run.status.is_terminal]:
         raise StateError(f'state file {path}: ended run {terminal[0]} is among the active "runs"')
-    state.active = runs
+    state = _State(fences=fences, active=runs)
     latest = document.get("latest_id")
     if latest is not None and not isinstance(latest, str):
         raise StateError(f'state file {path} has a bad "latest_id" {latest!r}')
@@ -735,16 +857,16 @@ def _decode_state(raw: bytes, path: Path) -> _State:
 
 
 def _decode_segment(entry: Any) -> _Segment:
-    if not isinstance(entry, dict) or set(entry) != {"file", "head", "size", "count", "last"}:
+    if not isinstance(entry, dict) or entry.keys() != _SEGMENT_KEYS:
         raise ValueError('must be an object with "file", "head", "size", "count" and "last"')
-    if not isinstance(entry["last"], str):
-        raise ValueError(f"bad last ID {entry['last']!r}")
-    name = entry["file"]
-    if not isinstance(name, str) or not _HISTORY_FILE.match(name) or name.startswith("."):
+    name, head, size, count, last = entry["file"], entry["head"], entry["size"], entry["count"], entry["last"]
+    if type(last) is not str:
+        raise ValueError(f"bad last ID {last!r}")
+    if type(name) is not str or not _HISTORY_FILE.match(name) or name.startswith("."):
         raise ValueError(f"bad file name {name!r}")
-    if not all(_is_count(entry[key]) for key in ("head", "size", "count")) or entry["head"] > entry["size"]:
+    if type(head) is not int or type(size) is not int or type(count) is not int or not 0 <= head <= size or count < 0:
         raise ValueError("head, size and count must be integers with 0 <= head <= size")
-    return _Segment(name, entry["head"], entry["size"], entry["count"], entry["last"])
+    return _Segment(name, head, size, count, last)
 
 
 def _is_count(value: Any) -> bool:
@@ -752,7 +874,11 @@ def _is_count(value: Any) -> bool:
 
 
 def _copy(run: Run) -> Run:
-    duplicate: Run = copy.deepcopy(run)
+    # Every field is immutable but the two dicts: copying just those is a deep copy, fast.
+    duplicate = copy.copy(run)
+    if run.summary is not None:
+        duplicate.summary = copy.deepcopy(run.summary)
+    duplicate.unknown_keys = copy.deepcopy(run.unknown_keys) if run.unknown_keys else {}
     return duplicate
 
 
@@ -769,6 +895,19 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _spoil(fd: int, length: int) -> None:
+    """Make a slot whose write failed midway invalid, so that it can never pass for a commit.
+
+    Cutting it to nothing frees space rather than needing any; if even that fails, zeros
+    over what was written break its digest.
+    """
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, bytes(min(length, 4096)), 0)
 
 
 def _link_if_absent(source: Path, link: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -89,7 +90,7 @@ def test_ended_runs_live_in_one_history_file_per_machine(tmp_path: Path) -> None
     for name in names:
         lines = (store.state_dir / "history" / name).read_bytes().splitlines()
         assert all(json.loads(line)["status"] == "completed" for line in lines)
-    header = json.loads(store.state_path.read_bytes())
+    header = FileBackend(store.state_dir, lock_timeout=1).committed_document()
     assert header["runs"] == []
     assert header["history"]["rig-1"]["count"] == 2
 
@@ -225,13 +226,15 @@ def test_a_symlinked_history_folder_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_history_map_is_refused(tmp_path: Path, history: str, complaint: str) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    raw = f'{{"format": "pytest-runs-state", "version": 3, "fences": {{}}, "history": {history}, "runs": []}}'
-    (state / "runs.json").write_text(raw)
+    store = Store(tmp_path / "state")
+    store.create(Run(machine="rig-1"))
+    slot = store.state_dir / "runs.state.0"
+    body = f'{{"format": "pytest-runs-state", "version": 3, "fences": {{}}, "history": {history}, "runs": []}}'
+    digest = hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+    slot.write_text(json.dumps({"seq": 99, "length": len(body), "blake2b": digest}) + "\n" + body)
     with pytest.raises(StateError, match=complaint):
-        Store(state).prepare_atomic("rig-1", "h", Run)
-    assert (state / "runs.json").read_text() == raw
+        store.prepare_atomic("rig-1", "h", Run)
+    assert slot.read_text().endswith(body)
 
 
 def test_a_newer_format_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -282,9 +285,9 @@ def test_an_old_store_is_upgraded_once_with_a_backup_and_one_line(
         f"the old file is kept as {state / f'runs.json.v{version}.bak'}"
     ]
     assert (state / f"runs.json.v{version}.bak").read_bytes() == raw
-    header = json.loads(store.state_path.read_bytes())
-    assert header["version"] == 3
-    assert [r["id"] for r in header["runs"]] == [runs[-1].id], "only the active run stays in runs.json"
+    assert json.loads(store.state_path.read_bytes())["version"] == 3
+    header = FileBackend(store.state_dir, lock_timeout=1).committed_document()
+    assert [r["id"] for r in header["runs"]] == [runs[-1].id], "only the active run stays in the state"
     assert len(history_files(state)) == 2
     assert store.active_by_machine("rig-0") == runs[-1]
     store.finish(runs[-1].id, Status.COMPLETED, exit_code=0)

@@ -28,6 +28,7 @@ from pytest_runs import (
     Store,
     StoreLocked,
 )
+from pytest_runs.filebackend import FileBackend
 from pytest_runs.store import FORMAT_VERSION
 
 
@@ -55,8 +56,8 @@ def test_create_assigns_a_fresh_id_and_persists(store: Store) -> None:
     assert run.id != "chosen-by-caller"
     assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run.id)
     assert store.get(run.id) == run
-    on_disk = json.loads(store.state_path.read_text())
-    assert on_disk["version"] == FORMAT_VERSION
+    assert json.loads(store.state_path.read_text())["version"] == FORMAT_VERSION
+    on_disk = FileBackend(store.state_dir, lock_timeout=1).committed_document()
     assert [r["id"] for r in on_disk["runs"]] == [run.id]
 
 
@@ -380,26 +381,41 @@ def test_lock_file_is_never_replaced(store: Store) -> None:
     assert os.stat(store.lock_path).st_ino == inode
 
 
-def test_writes_are_fsynced_file_then_directory(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writes_are_flushed_before_they_return(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[str] = []
-    real_fsync = os.fsync
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
 
-    def spy(fd: int) -> None:
-        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
-        real_fsync(fd)
+    def spy(real: Callable[[int], None]) -> Callable[[int], None]:
+        def flush(fd: int) -> None:
+            synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
 
-    monkeypatch.setattr(os, "fsync", spy)
+        return flush
+
+    monkeypatch.setattr(os, "fsync", spy(real_fsync))
+    monkeypatch.setattr(os, "fdatasync", spy(real_fdatasync))
     store.create(pending())
-    assert synced == ["file", "dir"]
+    assert synced[0] == str(store.state_dir / "runs.state.0")
+    assert synced[-2].startswith(str(store.state_dir / ".runs.json.")) and synced[-1] == "dir", "then runs.json"
+    store.create(pending(machine="rig-2"))
+    synced.clear()
+    run = store.create(pending(machine="rig-3"))
+    assert synced == [str(store.state_dir / "runs.state.0")], "a commit is one flush of the older slot"
+    store.finish(run.id, Status.COMPLETED)
+    again = store.create(pending(machine="rig-3"))
+    synced.clear()
+    store.finish(again.id, Status.COMPLETED)
+    assert len(synced) == 2 and "/history/" in synced[0] and synced[1].endswith("runs.state.1"), (
+        "a finish: the history line, then the state"
+    )
     synced.clear()
     store.list()
     assert synced == [], "a read must not write"
 
 
-@pytest.mark.parametrize("failing", ["pwrite", "replace", "fsync"])
+@pytest.mark.parametrize("failing", ["pwrite", "ftruncate", "fdatasync"])
 def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
-    kept = store.create(pending())
-    before = store.state_path.read_bytes()
+    kept = [store.create(pending(machine=f"rig-{i}")) for i in range(3)]
     names = sorted(p.name for p in store.state_dir.iterdir())
 
     def broken(*args: object) -> None:
@@ -408,11 +424,23 @@ def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pyte
     monkeypatch.setattr(os, failing, broken)
     expected = r"cannot write state file .*No space left on device.*previous state is intact"
     with pytest.raises(StateError, match=expected):
-        store.create(pending(machine="rig-2"))
+        store.create(pending(machine="rig-9"))
     monkeypatch.undo()
-    assert store.state_path.read_bytes() == before
-    assert store.list() == [kept]
+    assert store.list() == kept
     assert sorted(p.name for p in store.state_dir.iterdir()) == names
+    assert store.create(pending(machine="rig-9")).machine == "rig-9"
+
+
+def test_a_torn_slot_is_a_write_that_never_happened(store: Store) -> None:
+    kept = [store.create(pending(machine=f"rig-{i}")) for i in range(3)]
+    newest = max(store.state_dir.glob("runs.state.*"), key=lambda p: p.stat().st_mtime_ns)
+    content = newest.read_bytes()
+    newest.write_bytes(content[: len(content) // 2])
+    assert store.list() == kept[:2], "the other slot holds the state committed before"
+    for slot in store.state_dir.glob("runs.state.*"):
+        slot.write_bytes(slot.read_bytes()[:-3])
+    with pytest.raises(StateError, match="neither holds a complete state"):
+        store.list()
 
 
 def test_symlinked_state_file_is_refused(tmp_path: Path) -> None:
