@@ -195,7 +195,13 @@ class FileBackend:
     def _read_state(self) -> _State:
         path = self.state_path
         raw = _read_file(path, "state file")
+        slots = [self.slot_path(slot) for slot in (0, 1)]
         if raw is None:
+            if kept := [slot for slot in slots if os.path.lexists(slot)]:
+                raise StateError(
+                    f"state file {path} is missing, but {kept[0]} holds a store; put runs.json back, "
+                    f"or remove {' and '.join(map(str, kept))} to start an empty store"
+                )
             return _State()
         document = _load_document(raw, path)
         if document["version"] < FORMAT_VERSION:
@@ -208,7 +214,9 @@ class FileBackend:
             if found is not None and (newest is None or found[0] > newest[0]):
                 newest = (found[0], slot, found[1])
         if newest is None:
-            names = " and ".join(str(self.slot_path(slot)) for slot in (0, 1))
+            if not any(os.path.lexists(slot) for slot in slots):
+                return _State(marker=True)  # a new store whose first commit never happened
+            names = " and ".join(map(str, slots))
             raise StateError(f"state file {path} keeps the runs in {names}, but neither holds a complete state")
         seq, slot, body = newest
         state = _decode_body(_load_document(body, self.slot_path(slot)), self.slot_path(slot))
@@ -355,8 +363,14 @@ class FileBackend:
         # A slot of an earlier attempt that failed before runs.json changed could be newer.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.slot_path(1))
-        self._write_slot(0, 1, body)
-        self._write_marker(state)
+        if state.version == FORMAT_VERSION:
+            # A new store: the marker first, so that a slot is never found without it.
+            self._write_marker(state)
+            self._write_slot(0, 1, body)
+        else:
+            # An upgrade: runs.json, renamed over the old file, is the commit point.
+            self._write_slot(0, 1, body)
+            self._write_marker(state)
         state.marker, state.slot, state.seq = True, 0, 1
 
     def _write_slot(self, slot: int, seq: int, body: bytes) -> None:
@@ -433,7 +447,7 @@ class FileBackend:
             # Bytes past the committed size belong to a writer killed before its commit.
             os.ftruncate(fd, segment.size)
             _write_all(fd, data, segment.size)
-            os.fsync(fd)
+            os.fdatasync(fd)
         except OSError as error:
             raise self._cannot_write(segment.file, error) from None
         finally:

@@ -102,9 +102,11 @@ def test_the_store_removed_during_the_session(pytester: pytest.Pytester, tmp_pat
     state = tmp_path / "state"
     pytester.makepyfile(
         f"""
-        import os, time
+        import glob, os, time
         def test_removes_the_store():
-            os.remove({str(state / "runs.json")!r})
+            for path in glob.glob({str(state / "runs.*")!r}):
+                if not path.endswith(".lock"):
+                    os.remove(path)
             time.sleep(2)
         def test_after():
             pass
@@ -115,6 +117,17 @@ def test_the_store_removed_during_the_session(pytester: pytest.Pytester, tmp_pat
     assert result.ret == 76
     result.stdout.fnmatch_lines(["*this session lost machine rig-1*is gone from the store*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_runs_json_removed_beside_a_store_is_refused_not_started_over(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    kept = store.create(Run(machine="rig-1"))
+    store.state_path.unlink()
+    with pytest.raises(StateError, match=r"runs.json is missing, but .*runs.state.0 holds a store; put runs.json back"):
+        store.prepare_atomic("rig-1", "h", Run)
+    assert not store.state_path.exists()
+    store.state_path.write_text('{"format": "pytest-runs-state", "version": 3}')
+    assert store.list() == [kept]
 
 
 # -- state that cannot be used is refused, and left as it is ----------------------------
