@@ -26,15 +26,47 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Protocol
 
 from .model import Run
 
-__all__ = ["Backend", "Transaction"]
+__all__ = ["Backend", "OwnerLock", "Transaction"]
+
+
+class OwnerLock(Protocol):
+    """What keeps a session's runs alive: held for the session's life, released when its process dies.
+
+    Readers judge a run whose ``owner_token`` is this lock's ``token`` by whether it is held
+    (:meth:`Transaction.stale_reason`). A process forked from the holder does not hold it.
+    """
+
+    token: str
+
+    def still_held(self) -> bool:
+        """Whether it is still held, taking it again if it was lost and is free; never raises."""
+
+    def release(self) -> None:
+        """Let go for good, once no active run names this token any more."""
+
+    def drop(self) -> None:
+        """Let go, so that a run still naming this token is judged stale at once."""
 
 
 class Transaction(Protocol):
     """Reads and changes inside one critical section of a :class:`Backend`."""
+
+    def now(self) -> datetime:
+        """The store's clock (aware, UTC): every time the rules record comes from it."""
+
+    def stale_reason(self, run: Run) -> str | None:
+        """Why the owner of active ``run`` is gone (its liveness lock is free, its own lease ran out), or ``None``."""
+
+    def forget_owner(self, run: Run) -> None:
+        """``run`` was reclaimed: drop what kept its owner's liveness, if anything is left."""
+
+    def sweep_owners(self) -> None:
+        """Remove liveness leftovers that no active run names and nobody holds."""
 
     def latest_id(self) -> str | None:
         """The largest run ID the store has ever given out (kept even when that run is deleted)."""
@@ -81,6 +113,9 @@ class Backend(Protocol):
 
     #: For messages: the file, folder or database the runs are kept in.
     location: str
+
+    def liveness_lock(self) -> OwnerLock:
+        """A new :class:`OwnerLock`, already held; :class:`~pytest_runs.errors.StateError` if it cannot be taken."""
 
     def transaction(self, *, write: bool, durable: bool = True) -> contextlib.AbstractContextManager[Transaction]:
         """A critical section; its changes are committed when it is left without an exception.

@@ -56,12 +56,16 @@ import secrets
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import liveness
 from .errors import StateError, StoreLocked
 from .model import Run
+from .owner import boot_id
 from .storelock import StoreLock
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileBackend", "lock_holders"]
@@ -150,6 +154,17 @@ class FileBackend:
         self._inside = threading.local()
         # Never removed or replaced: the lock file keeps its inode for ever.
         self._file_lock = StoreLock(self.lock_path)
+        self.boot_id = boot_id()
+
+    def liveness_lock(self) -> liveness.LivenessLock:
+        """An OFD lock on ``owners/<token>.lock``, already held (see :mod:`pytest_runs.liveness`)."""
+        ensure_state_dir(self.state_dir)
+        lock = liveness.LivenessLock(self.state_dir)
+        try:
+            lock.acquire()
+        except OSError as error:
+            raise StateError(f"cannot take a liveness lock in {self.state_dir}: {_oserror_text(error)}") from None
+        return lock
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool, durable: bool = True) -> Iterator[FileTransaction]:
@@ -532,6 +547,32 @@ class FileTransaction:
         for run in state.legacy_ended:
             self._append(run)
         state.legacy_ended = []
+
+    # -- clock and liveness ----------------------------------------------------------
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def stale_reason(self, run: Run) -> str | None:
+        return liveness.stale_reason(run, self.now(), self.backend.boot_id, self.backend.state_dir)
+
+    def forget_owner(self, run: Run) -> None:
+        if liveness.observable(run, self.backend.boot_id):
+            liveness.remove_lock_file(self.backend.state_dir, run.owner_token)
+
+    def sweep_owners(self) -> None:
+        """Lock files of sessions killed while waiting (they had no run to be reclaimed with)."""
+        folder = self.backend.state_dir / liveness.OWNERS_DIR_NAME
+        if os.path.islink(folder) or not folder.is_dir():
+            return
+        named = {run.owner_token for run in self.state.active if run.owner_token}
+        for path in folder.glob("*.lock"):
+            token = path.name.removesuffix(".lock")
+            # Not named by an active run, older than a minute (never one being taken), and free.
+            with contextlib.suppress(OSError):
+                old = time.time() - path.lstat().st_mtime > 60
+                if token not in named and old and liveness.probe(self.backend.state_dir, token) is False:
+                    path.unlink()
 
     # -- reads ------------------------------------------------------------------------
 

@@ -31,10 +31,10 @@ from typing import Any, NoReturn
 import pytest
 from _pytest._io import TerminalWriter
 
+from .backend import OwnerLock
 from .display import describe_holder, format_duration, held_for
 from .hashing import HashError, hash_test_dir
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
-from .liveness import LivenessLock
 from .model import PrepareOutcome, Run, Status
 from .options import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_MACHINE_LOST, FENCE_ENV, RUN_ID_ENV, Settings
 from .owner import Owner
@@ -63,7 +63,7 @@ class TrackedSession:
         self.skip_reason: str | None = None
         self.counts: Counter[str] = Counter()
         self.owner = dataclasses.replace(Owner.current(), lease=settings.lease)
-        self.liveness: LivenessLock | None = None
+        self.liveness: OwnerLock | None = None
         self.stopper = Stopper(
             grace=settings.grace, force=self._force_end, say=self._say, interrupted_status=EXIT_INTERRUPTED
         )

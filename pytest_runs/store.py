@@ -30,8 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from . import liveness
-from .backend import Backend, Transaction
+from .backend import Backend, OwnerLock, Transaction
 from .errors import InvalidTransition, RunEnded, RunNotFound, StateError, StoreLocked
 from .filebackend import (
     FORMAT_NAME,
@@ -44,7 +43,7 @@ from .filebackend import (
 )
 from .hashing import HashCache
 from .model import PrepareOutcome, Run, Status, run_created_at
-from .owner import Owner, boot_id, describe_owner
+from .owner import Owner, describe_owner
 from .settings import DEFAULT_LOCK_TIMEOUT
 
 # An alias, because inside Store the name ``list`` is the method.
@@ -121,7 +120,6 @@ class Store:
             raise ValueError(f"keep must be a whole number >= 0 or None, not {keep!r}")
         self.lock_timeout = lock_timeout
         self.keep = keep
-        self._boot_id = boot_id()
         self.state_dir = Path(state_dir).absolute()
         self._files = FileBackend(self.state_dir, lock_timeout=lock_timeout)
         self.backend: Backend = backend if backend is not None else self._files
@@ -139,7 +137,9 @@ class Store:
     def create(self, run: Run) -> Run:
         """Give ``run`` a fresh ID (overwriting any it had), append and persist it; return it.
 
-        A pending or running run also gets the machine's next ``fence``.
+        A pending or running run also gets the machine's next ``fence``, and is refused with
+        :class:`InvalidTransition` if its machine already has one (the Go package allowed
+        that; here, as in the database backend's index, a machine holds one active run).
         """
         return self.create_many([run])[0]
 
@@ -148,8 +148,16 @@ class Store:
         created = []
         with self._transaction() as tx:
             latest = tx.latest_id()
+            busy = {run.machine: run for run in tx.active()}
             for run in runs:
                 _require_name(run.machine, "machine")
+                if not run.status.is_terminal:
+                    if (holder := busy.get(run.machine)) is not None:
+                        raise InvalidTransition(
+                            f"machine {run.machine} already has an active run ({holder.id}, {holder.status.value}); "
+                            "a machine holds one pending or running run at a time"
+                        )
+                    busy[run.machine] = run
                 latest = self._add(tx, run, latest)
                 created.append(run)
             for machine in {run.machine for run in created if run.status.is_terminal}:
@@ -243,12 +251,12 @@ class Store:
         others get :class:`InvalidTransition` (it is running) or :class:`RunEnded`.
         """
 
-        def claim(run: Run) -> None:
+        def claim(run: Run, now: datetime) -> None:
             if run.status.is_terminal:
                 raise RunEnded(run, "start")
             if run.status is not Status.PENDING:
                 raise InvalidTransition(f"run {run.id} is already {run.status.value}")
-            changes.setdefault("started_at", _utcnow())
+            changes.setdefault("started_at", now)
             _apply(run, status=Status.RUNNING, **changes)
 
         return self._modify(run_id, claim)
@@ -281,7 +289,7 @@ class Store:
             exit_code=exit_code,
             error_code=error_code,
             error_msg=error_msg,
-            ended_at=ended_at or _utcnow(),
+            ended_at=ended_at,
             summary=summary,
         )
 
@@ -294,18 +302,19 @@ class Store:
             status=Status.INTERRUPTED,
             error_code="released",
             error_msg=f"released: {reason}",
-            ended_at=_utcnow(),
+            ended_at=None,
         )
 
     def _end(self, run_id: str, action: str, owner: Owner | None = None, **outcome: Any) -> Run:
         """Apply a terminal ``outcome`` to a run that has not ended; :class:`RunEnded` if it has."""
 
-        def end(run: Run) -> None:
+        def end(run: Run, now: datetime) -> None:
             if run.status.is_terminal:
                 raise RunEnded(run, action)
             if owner is not None and not owner.owns(run):
                 raise InvalidTransition(f"run {run.id} is owned by another process ({describe_owner(run)})")
             _apply(run, **outcome)
+            run.ended_at = run.ended_at or now
 
         return self._modify(run_id, end)
 
@@ -318,18 +327,19 @@ class Store:
         only makes the run look a little older, so its commit skips the last flush.
         """
 
-        def beat(run: Run) -> None:
+        def beat(run: Run, now: datetime) -> None:
             if run.status.is_terminal:
                 raise RunEnded(run, "heartbeat")
             if not owner.owns(run):
                 raise InvalidTransition(f"run {run.id} is owned by another process ({describe_owner(run)})")
-            run.heartbeat_at = _utcnow()
+            run.heartbeat_at = now
 
         return self._modify(run_id, beat, durable=False)
 
     def stale_reason(self, run: Run) -> str | None:
         """Why ``run`` has lost its owner (by its liveness lock, else its own lease); ``None`` if it has not."""
-        return liveness.stale_reason(run, _utcnow(), self._boot_id, self.state_dir)
+        with self._transaction(write=False) as tx:
+            return tx.stale_reason(run)
 
     def machines(self) -> builtins.list[MachineState]:
         """One entry per machine with a run kept, sorted by name. Reads one ended run per machine."""
@@ -358,8 +368,8 @@ class Store:
             raise ValueError("prune needs exactly one of keep or older_than")
         if keep is not None and keep < 0:
             raise ValueError(f"keep must be >= 0, got {keep}")
-        cutoff = (now or _utcnow()) - older_than if older_than is not None else None
         with self._transaction(write=not dry_run) as tx:
+            cutoff = (now or tx.now()) - older_than if older_than is not None else None
             if keep is not None:
                 doomed: RunList = []
                 for name in tx.machines():
@@ -373,24 +383,10 @@ class Store:
                 if doomed:
                     tx.delete(doomed)
                 # In the same critical section: no run can come to name a lock file meanwhile.
-                self._remove_orphaned_liveness_locks(tx.active())
+                tx.sweep_owners()
         if not dry_run:
             self._remove_files(doomed)
         return doomed
-
-    def _remove_orphaned_liveness_locks(self, active: RunList) -> None:
-        """Lock files of sessions killed while waiting (they had no run to be reclaimed with)."""
-        folder = self.state_dir / liveness.OWNERS_DIR_NAME
-        if os.path.islink(folder) or not folder.is_dir():
-            return
-        named = {r.owner_token for r in active if r.owner_token}
-        for path in folder.glob("*.lock"):
-            token = path.name.removesuffix(".lock")
-            # Not named by an active run, older than a minute (never one being taken), and free.
-            with contextlib.suppress(OSError):
-                old = _utcnow().timestamp() - path.lstat().st_mtime > 60
-                if token not in named and old and liveness.probe(self.state_dir, token) is False:
-                    path.unlink()
 
     def run_dir(self, run_id: str) -> Path:
         """The folder that holds a run's log and artifacts: ``<state_dir>/runs/<id>``.
@@ -427,15 +423,9 @@ class Store:
         key = hashlib.sha256(os.fsencode(os.path.realpath(test_dir))).hexdigest()[:32]
         return HashCache(folder / f"{key}.json")
 
-    def liveness_lock(self) -> liveness.LivenessLock:
-        """A new liveness lock in this store, already held; :class:`StateError` if it cannot be taken."""
-        ensure_state_dir(self.state_dir)
-        lock = liveness.LivenessLock(self.state_dir)
-        try:
-            lock.acquire()
-        except OSError as error:
-            raise StateError(f"cannot take a liveness lock in {self.state_dir}: {_oserror_text(error)}") from None
-        return lock
+    def liveness_lock(self) -> OwnerLock:
+        """A new liveness lock for a session in this store, already held; :class:`StateError` if it cannot be taken."""
+        return self.backend.liveness_lock()
 
     # -- internals --------------------------------------------------------------------
 
@@ -452,16 +442,16 @@ class Store:
         self._remove_files(doomed)
 
     def _add(self, tx: Transaction, run: Run, latest: str | None) -> str:
-        run.id = _new_id(latest)
+        run.id = _new_id(latest, tx.now())
         run.fence = None if run.status.is_terminal else tx.next_fence(run.machine)
         tx.add(run)
         return run.id
 
-    def _modify(self, run_id: str, change: Callable[[Run], None], *, durable: bool = True) -> Run:
+    def _modify(self, run_id: str, change: Callable[[Run, datetime], None], *, durable: bool = True) -> Run:
         with self._transaction(durable=durable) as tx:
             run = _found(tx.get(run_id), run_id)
             was_terminal = run.status.is_terminal
-            change(run)
+            change(run, tx.now())
             tx.replace(run)
             if run.status.is_terminal and not was_terminal:
                 self._retain(tx, run.machine)
@@ -478,11 +468,11 @@ class Store:
             self._local.doomed.extend(doomed)
 
     def _reclaim_stale(self, tx: Transaction, machine: str) -> None:
-        now = _utcnow()
+        now = tx.now()
         for run in tx.active():
             if run.machine != machine:
                 continue
-            reason = liveness.stale_reason(run, now, self._boot_id, self.state_dir)
+            reason = tx.stale_reason(run)
             if reason is None:
                 continue
             _apply(
@@ -494,8 +484,7 @@ class Store:
             )
             tx.replace(run)
             self._retain(tx, machine)
-            if liveness.observable(run, self._boot_id):
-                liveness.remove_lock_file(self.state_dir, run.owner_token)
+            tx.forget_owner(run)
 
     def _remove_files(self, runs: Iterable[Run]) -> None:
         for run in runs:
@@ -551,9 +540,8 @@ def _check_transition(stored: Run, new: Run) -> None:
             raise InvalidTransition(f"run {stored.id}: {field} cannot change after creation")
 
 
-def _new_id(latest: str | None) -> str:
+def _new_id(latest: str | None, moment: datetime) -> str:
     """``YYYYMMDD-HHMMSS-ffffff-xxxxxx``: sorts in creation order, safe in paths and URLs."""
-    moment = _utcnow()
     # Created under the store lock, so a strictly later time than every earlier ID
     # keeps IDs in creation order even if the clock steps back.
     created = run_created_at(latest) if latest is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing.synchronize
+import os
 import sys
 
 from pytest_runs import Run, Status, Store
@@ -41,7 +42,7 @@ def create_forever(state_dir: str) -> None:
     store = Store(state_dir)
     index = 0
     while True:
-        run = store.create(Run(machine=f"m{index % 4}", test_dir_hash=f"h{index}", error_msg="x" * (index % 300)))
+        run = store.create(Run(machine=f"m{os.getpid()}-{index}", test_dir_hash=f"h{index}", error_msg="x" * (index % 300)))
         sys.stdout.write(f"C {run.id}\n")
         sys.stdout.flush()
         run.exit_code = index

@@ -228,8 +228,8 @@ def test_prune_keep(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_prune_keep_zero_never_touches_active_runs(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
-    active = running(store, "rig-1")
     finished(store, "rig-1")
+    active = running(store, "rig-1")
     assert len(json_out(capsys, "prune", "--keep", "0")) == 1
     assert store.list() == [active]
 
@@ -409,7 +409,7 @@ def test_machines_names_the_holders_host_and_ci_job(store: Store, capsys: pytest
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(store: Store, state_dir: Path) -> None:
     for n in range(300):
-        store.create(Run(machine=f"rig-{n % 5}", test_dir_hash=f"{n:064x}"))
+        store.create(Run(machine=f"rig-{n % 5}", test_dir_hash=f"{n:064x}", status=Status.COMPLETED))
     result = subprocess.run(
         f"{sys.executable} -m pytest_runs --state-dir {state_dir} list --json | head -n 1",
         shell=True,

@@ -243,7 +243,7 @@ def test_a_killed_owner_seen_from_a_host_that_cannot_observe_it_is_reclaimed_aft
     wait_for(owner.started, owner)
     # A reader on another host: it shares the store but not this kernel, so it cannot ask the lock.
     elsewhere = Store(state_dir)
-    elsewhere._boot_id = FOREIGN_BOOT
+    elsewhere._files.boot_id = FOREIGN_BOOT
 
     def mk() -> Run:
         return Run(owner_host="host-z", owner_boot_id=FOREIGN_BOOT, heartbeat_at=datetime.now(UTC))
@@ -292,7 +292,7 @@ def test_a_stopped_owner_reclaimed_from_a_host_that_cannot_observe_it_fails_when
     sessions.append(owner)
     wait_for(owner.started, owner)
     elsewhere = Store(state_dir)
-    elsewhere._boot_id = FOREIGN_BOOT
+    elsewhere._files.boot_id = FOREIGN_BOOT
     stop_outside_the_store_lock(owner, state_dir)
     try:
         run = only_run(elsewhere)

@@ -28,7 +28,7 @@ from pytest_runs import (
     Store,
     StoreLocked,
 )
-from pytest_runs.filebackend import FileBackend
+from pytest_runs.filebackend import FileBackend, FileTransaction
 from pytest_runs.store import FORMAT_VERSION
 
 
@@ -68,11 +68,9 @@ def test_ids_are_unique_and_sort_in_creation_order(store: Store) -> None:
 
 
 def test_ids_keep_order_when_the_clock_steps_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pytest_runs.store as store_module
-
     first = store.create(pending()).id
-    monkeypatch.setattr(store_module, "_utcnow", lambda: datetime(2000, 1, 1, tzinfo=UTC))
-    second = store.create(pending()).id
+    monkeypatch.setattr(FileTransaction, "now", lambda self: datetime(2000, 1, 1, tzinfo=UTC))
+    second = store.create(pending(machine="rig-2")).id
     assert second > first
 
 
@@ -152,7 +150,8 @@ def test_active_by_machine(store: Store) -> None:
     done = store.create(Run(machine="rig-1", test_dir_hash="h0", status=Status.COMPLETED))
     assert store.active_by_machine("rig-1") is None
     first = store.create(pending(test_dir_hash="h1"))
-    store.create(pending(test_dir_hash="h2"))
+    with pytest.raises(InvalidTransition, match="machine rig-1 already has an active run"):
+        store.create(pending(test_dir_hash="h2"))
     store.create(pending(machine="rig-2"))
     assert store.active_by_machine("rig-1") == first
     first.status = Status.RUNNING
@@ -164,7 +163,7 @@ def test_active_by_machine(store: Store) -> None:
 def test_find_by_test_dir_hash_and_machine(store: Store) -> None:
     a = store.create(Run(machine="rig-1", test_dir_hash="h", status=Status.FAILED))
     store.create(pending(machine="rig-2", test_dir_hash="h"))
-    store.create(pending(machine="rig-1", test_dir_hash="other"))
+    store.create(Run(machine="rig-1", test_dir_hash="other", status=Status.COMPLETED))
     b = store.create(pending(machine="rig-1", test_dir_hash="h"))
     assert store.find_by_test_dir_hash_and_machine("h", "rig-1") == [a, b]
     assert store.find_by_test_dir_hash_and_machine("nope", "rig-1") == []
@@ -376,8 +375,8 @@ def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
 def test_lock_file_is_never_replaced(store: Store) -> None:
     store.create(pending())
     inode = os.stat(store.lock_path).st_ino
-    for _ in range(5):
-        store.create(pending())
+    for index in range(5):
+        store.create(pending(machine=f"rig-{index + 2}"))
     assert os.stat(store.lock_path).st_ino == inode
 
 

@@ -82,6 +82,10 @@ class StoreAgainstModel(RuleBasedStateMachine):
 
     @rule(target=ids, machine=machines, test_dir_hash=hashes, status=statuses)
     def create(self, machine: str, test_dir_hash: str, status: Status) -> str:
+        if not status.is_terminal and self.active(machine) is not None:
+            with pytest.raises(InvalidTransition, match="already has an active run"):
+                self.store.create(Run(machine=machine, test_dir_hash=test_dir_hash, status=status))
+            return "refused"
         run = self.store.create(Run(id="ignored", machine=machine, test_dir_hash=test_dir_hash, status=status))
         assert run.id != "ignored"
         assert all(run.id > e.id for e in self.model), "IDs sort in creation order"
