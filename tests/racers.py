@@ -42,7 +42,8 @@ def create_forever(state_dir: str) -> None:
     store = Store(state_dir)
     index = 0
     while True:
-        run = store.create(Run(machine=f"m{os.getpid()}-{index}", test_dir_hash=f"h{index}", error_msg="x" * (index % 300)))
+        machine = f"m{os.getpid()}-{index}"  # each run active on its own machine
+        run = store.create(Run(machine=machine, test_dir_hash=f"h{index}", error_msg="x" * (index % 300)))
         sys.stdout.write(f"C {run.id}\n")
         sys.stdout.flush()
         run.exit_code = index
