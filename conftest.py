@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,3 +27,29 @@ def _isolated_runs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
     # Sessions under test need no hypothesis; its plugin costs each of them a second or more.
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
+
+
+#: The PostgreSQL server the database tests use (the README's test command expects it there);
+#: ``RUNS_TEST_DATABASE=skip`` skips those tests on a machine without one. CI never sets it.
+TEST_DATABASE = os.environ.get("RUNS_TEST_DATABASE", "postgresql://127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A store URL on a schema of its own, dropped after the test."""
+    if TEST_DATABASE == "skip":
+        pytest.skip("RUNS_TEST_DATABASE=skip: no PostgreSQL server for the database tests")
+    import psycopg
+
+    schema = f"t_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(TEST_DATABASE, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as error:
+        pytest.fail(f"the database tests need PostgreSQL at {TEST_DATABASE} (RUNS_TEST_DATABASE): {error}")
+    try:
+        separator = "&" if "?" in TEST_DATABASE else "?"
+        yield f"{TEST_DATABASE}{separator}schema={schema}"
+    finally:
+        admin.execute("SET lock_timeout = '30s'")
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.close()

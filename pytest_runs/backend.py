@@ -113,6 +113,11 @@ class Backend(Protocol):
 
     #: For messages: the file, folder or database the runs are kept in.
     location: str
+    #: Seconds a transaction waits for the store's lock before :class:`~pytest_runs.errors.StoreLocked`.
+    lock_timeout: float
+
+    def wait_for_change(self, holder: Run, timeout: float) -> None:
+        """Return when the machine ``holder`` occupies may be free, or after ``timeout`` seconds."""
 
     def liveness_lock(self) -> OwnerLock:
         """A new :class:`OwnerLock`, already held; :class:`~pytest_runs.errors.StateError` if it cannot be taken."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .model import Run
 
-__all__ = ["InvalidTransition", "RunEnded", "RunNotFound", "StateError", "StoreLocked"]
+__all__ = ["InvalidTransition", "RunEnded", "RunNotFound", "StateError", "StoreLocked", "StoreUnreachable"]
 
 
 class RunNotFound(LookupError):
@@ -26,6 +26,10 @@ class StoreLocked(StateError):
         super().__init__(message)
         #: PIDs that hold the lock file, as far as the kernel tells (may be empty).
         self.holders = holders
+
+
+class StoreUnreachable(StateError):
+    """The store (a database) cannot be reached, or went away mid-call; this call recorded nothing."""
 
 
 class InvalidTransition(ValueError):

@@ -156,6 +156,10 @@ class FileBackend:
         self._file_lock = StoreLock(self.lock_path)
         self.boot_id = boot_id()
 
+    def wait_for_change(self, holder: Run, timeout: float) -> None:
+        """Sleep ``timeout`` seconds: the caller looks again."""
+        time.sleep(max(0.0, timeout))
+
     def liveness_lock(self) -> liveness.LivenessLock:
         """An OFD lock on ``owners/<token>.lock``, already held (see :mod:`pytest_runs.liveness`)."""
         ensure_state_dir(self.state_dir)

@@ -19,18 +19,30 @@ from .settings import (
     LEASE_ENV,
     LOCK_TIMEOUT_ENV,
     STATE_DIR_ENV,
+    STORE_ENV,
     check_machine_name,
     parse_keep,
     parse_seconds,
     resolve_state_dir,
+    split_store,
 )
 
-__all__ = ["BUSY_POLICIES", "EXIT_BUSY", "EXIT_MACHINE_LOST", "OPTIONS", "Option", "Settings"]
+__all__ = [
+    "BUSY_POLICIES",
+    "EXIT_BUSY",
+    "EXIT_MACHINE_LOST",
+    "EXIT_STORE_UNREACHABLE",
+    "OPTIONS",
+    "Option",
+    "Settings",
+]
 
 #: Exit status when the machine is busy, or its store locked (EX_TEMPFAIL, "try again later").
 EXIT_BUSY = 75
 #: Exit status of a session that lost its machine while it ran (released or reclaimed).
 EXIT_MACHINE_LOST = 76
+#: Exit status when the store (a database) cannot be reached at the start: no test ran (EX_UNAVAILABLE).
+EXIT_STORE_UNREACHABLE = 69
 #: pytest's status for an interrupted session, which a forced stop ends with too.
 EXIT_INTERRUPTED = 2
 
@@ -61,6 +73,11 @@ OPTIONS = {
     "state_dir": Option(
         "--runs-state-dir", "runs_state_dir", STATE_DIR_ENV, "DIR",
         "the run store (default: $XDG_STATE_HOME/pytest-runs, else ~/.local/state/pytest-runs)",
+    ),
+    "store": Option(
+        "--runs-store", "runs_store", STORE_ENV, "URL",
+        "where runs are kept: postgresql://... for a database shared by many hosts (needs the postgres "
+        "extra), or a folder or file: URL for the JSON files (default: the state dir)",
     ),
     "on_busy": Option(
         "--runs-on-busy", "runs_on_busy", "PYTEST_RUNS_ON_BUSY", "fail|skip|wait",
@@ -141,6 +158,8 @@ class Settings:
 
     machine: str
     state_dir: Path
+    #: A database URL, or ``None`` for the JSON files in ``state_dir``.
+    store_url: str | None
     on_busy: str
     wait_timeout: float
     timeout: float | None
@@ -182,10 +201,14 @@ class Settings:
         except ValueError as error:
             raise ValueError(f"{machine[1]}: {error}") from None
         state_dir = resolve_state_dir(text("state_dir"))
+        store_url, store_dir = split_store(text("store"))
+        if store_dir is not None:
+            state_dir = store_dir
         keep = lookup("keep")
         return cls(
             machine=machine_name,
             state_dir=(invocation_dir / state_dir).absolute(),
+            store_url=store_url,
             on_busy=on_busy,
             wait_timeout=seconds("wait_timeout", DEFAULT_WAIT_TIMEOUT) or 0.0,
             timeout=seconds("timeout", None, allow_zero=False),

@@ -33,14 +33,23 @@ from _pytest._io import TerminalWriter
 
 from .backend import OwnerLock
 from .display import describe_holder, format_duration, held_for
+from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
 from .model import PrepareOutcome, Run, Status
-from .options import EXIT_BUSY, EXIT_INTERRUPTED, EXIT_MACHINE_LOST, FENCE_ENV, RUN_ID_ENV, Settings
+from .options import (
+    EXIT_BUSY,
+    EXIT_INTERRUPTED,
+    EXIT_MACHINE_LOST,
+    EXIT_STORE_UNREACHABLE,
+    FENCE_ENV,
+    RUN_ID_ENV,
+    Settings,
+)
 from .owner import Owner
 from .runlog import RunLog, report_entry
 from .stopper import StopKind, Stopper, StopRequest
-from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked
+from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked, open_store
 
 __all__ = ["TrackedSession"]
 _WAIT_POLL_SECONDS = 0.5
@@ -60,6 +69,8 @@ class TrackedSession:
         self.session: pytest.Session | None = None
         self.final: Run | None = None
         self.ended_elsewhere: Run | None = None
+        #: The end could not be recorded and the liveness lock was gone: the machine was maybe not ours.
+        self.unproven = False
         self.skip_reason: str | None = None
         self.counts: Counter[str] = Counter()
         self.owner = dataclasses.replace(Owner.current(), lease=settings.lease)
@@ -94,7 +105,9 @@ class TrackedSession:
         self._teardown.callback(self.stopper.disarm)
         settings = self.settings
         try:
-            self.store = Store(settings.state_dir, lock_timeout=settings.lock_timeout, keep=settings.keep)
+            self.store = open_store(
+                settings.state_dir, settings.store_url, lock_timeout=settings.lock_timeout, keep=settings.keep
+            )
             self.liveness = self.store.liveness_lock()
             self._teardown.callback(self._let_go)
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
@@ -110,6 +123,8 @@ class TrackedSession:
                 # Interrupted or failed, perhaps after a run was created in our name: leave the
                 # lock file for readers to find free, so that such a run is reclaimed at once.
                 self.liveness.drop()
+            if isinstance(error, StoreUnreachable):
+                self._refuse(f"pytest-runs: {error}; no test ran", EXIT_STORE_UNREACHABLE)
             if isinstance(error, StateError | HashError):
                 raise pytest.UsageError(f"pytest-runs: {error}") from None
             raise
@@ -207,14 +222,18 @@ class TrackedSession:
                 in_place=f"pytest-runs: {waiting}: {settings.machine} {run.status.value} for {held_for(run)}, "
                 f"run {run.id} (hash {run.short_hash})",
             )
-            time.sleep(max(0.0, min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited)))
+            pause = max(0.0, min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
+            try:
+                store.wait_for_change(run, pause)
+            except StateError:
+                time.sleep(pause)
 
-    def _refuse(self, message: str) -> NoReturn:
-        """No test runs: exit with :data:`EXIT_BUSY`, saying why once."""
+    def _refuse(self, message: str, status: int = EXIT_BUSY) -> NoReturn:
+        """No test runs: exit with ``status`` (:data:`EXIT_BUSY`), saying why once."""
         self._refused = True
         if self.liveness is not None:
             self.liveness.release()  # busy or locked out: no run was created in our name
-        pytest.exit(message, returncode=EXIT_BUSY)
+        pytest.exit(message, returncode=status)
 
     def _give_up(self, store: Store, run: Run, error: StateError) -> None:
         """A run this session created but cannot use: end it at once rather than leave it to be reclaimed."""
@@ -283,7 +302,9 @@ class TrackedSession:
         """One heartbeat: True to go on, False once the machine is lost."""
         assert self.run is not None and self.store is not None
         if self.liveness is not None and not self.liveness.still_held():
-            self._say(f"pytest-runs: WARNING: run {self.run.id} lost its liveness lock and cannot take it again")
+            # Without it, another session may already have taken the machine: not provably ours.
+            self._lose_machine(f"run {self.run.id} lost its liveness lock and cannot take it again")
+            return False
         try:
             self.store.heartbeat(self.run.id, self.owner)
             self._beat_failing = False
@@ -388,8 +409,9 @@ class TrackedSession:
         elif request is not None and status == pytest.ExitCode.OK:
             status = EXIT_INTERRUPTED  # a stop was asked for: never a success
         self._finish(status, request)
-        if self.ended_elsewhere is not None:
-            # Released or reclaimed before the end was recorded, though no heartbeat saw it in time.
+        if self.ended_elsewhere is not None or self.unproven:
+            # Released or reclaimed before the end was recorded, though no heartbeat saw it in
+            # time; or nothing proves the machine stayed ours.
             status = EXIT_MACHINE_LOST
         if status != int(exitstatus):
             session.exitstatus = status
@@ -443,7 +465,16 @@ class TrackedSession:
         self._end_tried = True
         summary = self._summary()
         status, error_code, error_msg = self._outcome(exitstatus, request, summary["text"])
+        held = self.liveness is None or self.liveness.still_held()
         self._record_end(status, exitstatus, error_code, error_msg, summary)
+        if self.final is None and not held:
+            # Neither the end on record nor the liveness lock: nothing proves the machine stayed ours.
+            self.unproven = True
+            self._say(
+                f"pytest-runs: ERROR: run {self.run.id} cannot prove it held machine {self.settings.machine} "
+                f"to the end (its liveness lock is gone and its end could not be recorded); exit status "
+                f"{EXIT_MACHINE_LOST}"
+            )
         if self._log is not None:
             final = self.final or self.run
             self._log.write(

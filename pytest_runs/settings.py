@@ -15,17 +15,20 @@ __all__ = [
     "LOCK_TIMEOUT_ENV",
     "MAX_SECONDS",
     "STATE_DIR_ENV",
+    "STORE_ENV",
     "check_machine_name",
     "default_state_dir",
     "parse_keep",
     "parse_seconds",
     "resolve_state_dir",
+    "split_store",
 ]
 
 STATE_DIR_ENV = "PYTEST_RUNS_STATE_DIR"
 LEASE_ENV = "PYTEST_RUNS_LEASE"
 LOCK_TIMEOUT_ENV = "PYTEST_RUNS_LOCK_TIMEOUT"
 KEEP_ENV = "PYTEST_RUNS_KEEP"
+STORE_ENV = "PYTEST_RUNS_STORE"
 #: Seconds a store call waits for the store's lock before giving up.
 DEFAULT_LOCK_TIMEOUT = 10.0
 #: The longest time any setting may give: ten years. Longer ones overflow the system's timers.
@@ -77,3 +80,24 @@ def parse_keep(text: str, what: str) -> int:
     if not value.isascii() or not value.isdigit() or len(value) > 12:
         raise ValueError(f"{what} must be a whole number of runs to keep (0 or more), not {text!r}")
     return int(value)
+
+
+def split_store(given: str | None) -> tuple[str | None, Path | None]:
+    """A store setting as ``(database URL, None)``, ``(None, folder)`` or ``(None, None)`` when unset.
+
+    ``postgresql://`` and ``postgres://`` select the database; ``file:PATH`` (or
+    ``file://PATH``) and a plain path select the JSON files in that folder.
+    """
+    if not given:
+        return None, None
+    if given.startswith(("postgresql://", "postgres://")):
+        return given, None
+    if given.startswith("file:"):
+        path = given.removeprefix("file:")
+        path = path.removeprefix("//") if path.startswith("//") else path
+        return None, Path(path).expanduser()
+    if "://" in given:
+        scheme = given.split("://", 1)[0]
+        where = given.split("@")[-1]  # never the credentials
+        raise ValueError(f"store {where!r}: unknown kind {scheme!r}; use postgresql://..., file:PATH or a path")
+    return None, Path(given).expanduser()

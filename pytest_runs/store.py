@@ -60,6 +60,7 @@ __all__ = [
     "Store",
     "StoreLocked",
     "lock_holders",
+    "open_store",
 ]
 
 RUNS_DIR_NAME = "runs"
@@ -92,6 +93,25 @@ def _oserror_text(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+def open_store(
+    state_dir: str | os.PathLike[str],
+    store_url: str | None = None,
+    *,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    keep: int | None = None,
+) -> Store:
+    """A :class:`Store` on the JSON files in ``state_dir``, or on the database ``store_url`` names.
+
+    Run folders (logs, artifacts) and hash caches stay in ``state_dir`` either way.
+    """
+    backend: Backend | None = None
+    if store_url:
+        from .pgbackend import PgBackend
+
+        backend = PgBackend(store_url, lock_timeout=lock_timeout)
+    return Store(state_dir, lock_timeout=lock_timeout, keep=keep, backend=backend)
+
+
 class Store:
     """Runs of one state dir, safe across threads and processes.
 
@@ -118,7 +138,6 @@ class Store:
             raise ValueError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
             raise ValueError(f"keep must be a whole number >= 0 or None, not {keep!r}")
-        self.lock_timeout = lock_timeout
         self.keep = keep
         self.state_dir = Path(state_dir).absolute()
         self._files = FileBackend(self.state_dir, lock_timeout=lock_timeout)
@@ -131,6 +150,16 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.state_dir)!r})"
+
+    @property
+    def lock_timeout(self) -> float:
+        """How long a call waits for the store's locks (settable: a waiting session shortens it)."""
+        return self.backend.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self.backend.lock_timeout = seconds
+        self._files.lock_timeout = seconds
 
     # -- the contract of the Go store -------------------------------------------------
 
@@ -422,6 +451,14 @@ class Store:
         make_private_dir(folder)
         key = hashlib.sha256(os.fsencode(os.path.realpath(test_dir))).hexdigest()[:32]
         return HashCache(folder / f"{key}.json")
+
+    def wait_for_change(self, holder: Run, timeout: float) -> None:
+        """Sleep until the machine ``holder`` occupies may have become free, at most ``timeout`` seconds.
+
+        The database backend wakes at once when a run ends or ``holder``'s owner lets go or
+        dies; the file backend sleeps ``timeout``.
+        """
+        self.backend.wait_for_change(holder, timeout)
 
     def liveness_lock(self) -> OwnerLock:
         """A new liveness lock for a session in this store, already held; :class:`StateError` if it cannot be taken."""

@@ -29,17 +29,36 @@ from pytest_runs import (
     StoreLocked,
 )
 from pytest_runs.filebackend import FileBackend, FileTransaction
-from pytest_runs.store import FORMAT_VERSION
+from pytest_runs.store import FORMAT_VERSION, open_store
 
 
-@pytest.fixture(params=["format-3", "upgraded-from-format-1"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    """A new store, and one that a format-1 file (as pytest-runs 0.1 wrote it) becomes on first use."""
+#: Every kind of store the contract tests run against: the JSON files, new and upgraded from
+#: format 1 (as pytest-runs 0.1 wrote it), and the PostgreSQL backend.
+KINDS = ("format-3", "upgraded-from-format-1", "postgresql")
+#: Tests of the JSON files themselves (their bytes, modes, flushes, locks) run on those only.
+file_only = pytest.mark.kinds("format-3", "upgraded-from-format-1")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("kinds")
+        metafunc.parametrize("store_kind", marker.args if marker else KINDS)
+
+
+@pytest.fixture
+def make_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], Store]:
+    """Makes ``Store`` objects on one store of ``store_kind``."""
     state = tmp_path / "state"
-    if request.param == "upgraded-from-format-1":
+    url = request.getfixturevalue("pg_url") if store_kind == "postgresql" else None
+    if store_kind == "upgraded-from-format-1":
         state.mkdir(mode=0o700)
         (state / "runs.json").write_text('{"format": "pytest-runs-state", "version": 1, "runs": []}\n')
-    return Store(state)
+    return lambda: open_store(state, url)
+
+
+@pytest.fixture
+def store(make_store: Callable[[], Store]) -> Store:
+    return make_store()
 
 
 def pending(machine: str = "rig-1", test_dir_hash: str = "h1") -> Run:
@@ -49,6 +68,7 @@ def pending(machine: str = "rig-1", test_dir_hash: str = "h1") -> Run:
 # -- create, get, list, update --------------------------------------------------------
 
 
+@file_only
 def test_create_assigns_a_fresh_id_and_persists(store: Store) -> None:
     run = Run(id="chosen-by-caller", machine="rig-1", test_dir_hash="h")
     returned = store.create(run)
@@ -67,6 +87,7 @@ def test_ids_are_unique_and_sort_in_creation_order(store: Store) -> None:
     assert sorted(ids) == ids
 
 
+@file_only
 def test_ids_keep_order_when_the_clock_steps_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     first = store.create(pending()).id
     monkeypatch.setattr(FileTransaction, "now", lambda self: datetime(2000, 1, 1, tzinfo=UTC))
@@ -133,8 +154,8 @@ def test_returned_runs_are_copies(store: Store) -> None:
     assert store.get(run.id).machine == "rig-1"
 
 
-def test_two_store_objects_see_each_other(tmp_path: Path) -> None:
-    first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
+def test_two_store_objects_see_each_other(make_store: Callable[[], Store]) -> None:
+    first, second = make_store(), make_store()
     run = first.create(pending())
     assert second.get(run.id) == run
     run.status = Status.RUNNING
@@ -247,8 +268,10 @@ def test_mk_calling_the_store_raises_instead_of_deadlocking(store: Store) -> Non
         store.prepare_atomic("rig-1", "h1", lambda: store.list()[0])
 
 
-def test_second_store_in_the_same_thread_raises_instead_of_deadlocking(tmp_path: Path) -> None:
-    first, second = Store(tmp_path / "s"), Store(tmp_path / "s", lock_timeout=0.5)
+@file_only
+def test_second_store_in_the_same_thread_raises_instead_of_deadlocking(make_store: Callable[[], Store]) -> None:
+    first, second = make_store(), make_store()
+    second.lock_timeout = 0.5
     first.create(pending(machine="rig-9"))
     finished = threading.Event()
     errors: list[BaseException] = []
@@ -372,6 +395,7 @@ def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     assert stat.S_IMODE(os.stat(store.lock_path).st_mode) == 0o600
 
 
+@file_only
 def test_lock_file_is_never_replaced(store: Store) -> None:
     store.create(pending())
     inode = os.stat(store.lock_path).st_ino
@@ -380,6 +404,7 @@ def test_lock_file_is_never_replaced(store: Store) -> None:
     assert os.stat(store.lock_path).st_ino == inode
 
 
+@file_only
 def test_writes_are_flushed_before_they_return(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[str] = []
     real_fsync, real_fdatasync = os.fsync, os.fdatasync
@@ -416,6 +441,7 @@ def test_writes_are_flushed_before_they_return(store: Store, monkeypatch: pytest
     assert synced == [], "a read must not write"
 
 
+@file_only
 @pytest.mark.parametrize("failing", ["pwrite", "ftruncate", "fdatasync"])
 def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     kept = [store.create(pending(machine=f"rig-{i}")) for i in range(3)]
@@ -434,6 +460,7 @@ def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pyte
     assert store.create(pending(machine="rig-9")).machine == "rig-9"
 
 
+@file_only
 def test_a_torn_slot_is_a_write_that_never_happened(store: Store) -> None:
     kept = [store.create(pending(machine=f"rig-{i}")) for i in range(3)]
     newest = max(store.state_dir.glob("runs.state.*"), key=lambda p: p.stat().st_mtime_ns)
