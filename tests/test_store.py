@@ -31,7 +31,6 @@ from pytest_runs import (
 from pytest_runs.filebackend import FileBackend, FileTransaction
 from pytest_runs.store import FORMAT_VERSION, open_store
 
-
 #: Every kind of store the contract tests run against: the JSON files, new and upgraded from
 #: format 1 (as pytest-runs 0.1 wrote it), and the PostgreSQL backend.
 KINDS = ("format-3", "upgraded-from-format-1", "postgresql")
