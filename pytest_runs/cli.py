@@ -20,23 +20,26 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .display import describe_holder, format_ago, format_duration, held_for, owner_of
+from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .identity import read_hash_ignore
 from .liveness import DEFAULT_LEASE
 from .model import PrepareOutcome, Run, Status
-from .options import EXIT_BUSY
+from .options import EXIT_BUSY, EXIT_STORE_UNREACHABLE
 from .owner import Owner
 from .settings import (
     DEFAULT_LOCK_TIMEOUT,
     KEEP_ENV,
     LEASE_ENV,
     LOCK_TIMEOUT_ENV,
+    STORE_ENV,
     check_machine_name,
     parse_keep,
     parse_seconds,
     resolve_state_dir,
+    split_store,
 )
-from .store import MachineState, RunEnded, RunNotFound, StateError, Store
+from .store import MachineState, RunEnded, RunNotFound, StateError, Store, open_store
 
 __all__ = ["main"]
 
@@ -130,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_LOCK_TIMEOUT:g})",
     )
     parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="where runs are kept: postgresql://... for a shared database, or a folder or file: URL "
+        f"(default: ${STORE_ENV}, else the state dir)",
+    )
+    parser.add_argument(
         "--state-dir",
         metavar="DIR",
         help="the run store (default: $PYTEST_RUNS_STATE_DIR, else $XDG_STATE_HOME/pytest-runs, "
@@ -215,10 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock_timeout = parse_seconds(given, LOCK_TIMEOUT_ENV, allow_zero=False) if given else DEFAULT_LOCK_TIMEOUT
         # Retention applies to the runs the command line ends too (release, a stale reclaim).
         keep = parse_keep(os.environ[KEEP_ENV], KEEP_ENV) if os.environ.get(KEEP_ENV) else None
+        store_url, store_dir = split_store(args.store or os.environ.get(STORE_ENV))
     except ValueError as error:
         return _fail(str(error), EXIT_USAGE)
     try:
-        store = Store(resolve_state_dir(args.state_dir), lock_timeout=lock_timeout, keep=keep)
+        state_dir = store_dir if store_dir is not None else resolve_state_dir(args.state_dir)
+        store = open_store(state_dir, store_url, lock_timeout=lock_timeout, keep=keep)
         code = int(_COMMANDS[args.command](store, args))
         sys.stdout.flush()
         return code
@@ -229,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except _Failure as failure:
         return _fail(str(failure), failure.code)
+    except StoreUnreachable as error:
+        return _fail(str(error), EXIT_STORE_UNREACHABLE)
     except (StateError, RunNotFound, RunEnded) as error:
         return _fail(str(error), EXIT_REFUSED)
 
