@@ -10,8 +10,8 @@ machine.
 Files are hashed on a few threads (``hashlib`` and reads let go of the GIL), and a
 :class:`HashCache` can remember each file's digest by its ``lstat`` (size, mtime,
 ctime, inode), so that hashing an unchanged folder again only stats it. A file modified
-within :data:`RACY_SECONDS` of the moment the cache was written is never taken from
-it (git's "racy" rule: a later change in the same timestamp tick would not show in its
+within :data:`RACY_SECONDS` before the hashing that wrote the cache began is never taken
+from it (git's "racy" rule: a later change in the same timestamp tick would not show in its
 stat), and a digest is only ever reused for a file whose whole stat is the same, so the
 cache can make hashing faster but never give another hash.
 
@@ -58,7 +58,7 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 # Bump when the framing changes, so that old and new hashes never coincide.
 _DOMAIN = b"pytest-runs tree v2\0"
 _CHUNK = 1 << 20
-#: A file modified this close to the cache's writing is never taken from the cache.
+#: A file modified this close to the start of a hashing is never taken from the cache it writes.
 RACY_SECONDS = 2.0
 # Files per task on the hashing threads: many small files share one task's overhead.
 _BATCH_BYTES = 4 << 20
@@ -108,10 +108,14 @@ class HashCache:
             return None  # modified too close to the cache's writing: it may have changed since
         return bytes.fromhex(found[1])
 
-    def save(self, digests: dict[bytes, tuple[_Stat, bytes]]) -> None:
-        """Remember ``digests`` (and only them), leaving out files modified too recently to trust."""
-        now_ns = time.time_ns()
-        racy_from = now_ns - int(RACY_SECONDS * 1e9)
+    def save(self, digests: dict[bytes, tuple[_Stat, bytes]], started_ns: int) -> None:
+        """Remember ``digests`` (and only them), leaving out files modified too recently to trust.
+
+        ``started_ns`` is when the hashing began, before any file was read: a file read
+        later in a long hashing was still modified within the window if it was modified
+        within it before that start.
+        """
+        racy_from = started_ns - int(RACY_SECONDS * 1e9)
         kept = {
             relative.hex(): (identity, digest.hex())
             for relative, (identity, digest) in digests.items()
@@ -120,7 +124,7 @@ class HashCache:
         if kept == self._entries:
             return  # nothing new to remember: an unchanged folder costs no write
         entries = {key: [list(identity), digest] for key, (identity, digest) in kept.items()}
-        data = json.dumps({"format": self.FORMAT, "written_ns": now_ns, "files": entries}).encode()
+        data = json.dumps({"format": self.FORMAT, "written_ns": started_ns, "files": entries}).encode()
         with contextlib.suppress(OSError):
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
@@ -168,6 +172,7 @@ def hash_test_dir(
     root_path = Path(root)
     if not root_path.is_dir():
         raise HashError(f"test dir {root_path} is not a folder")
+    started_ns = time.time_ns()  # before any stat: the racy rule's reference
     # One regular expression for all the patterns: matched once per name and once per path.
     patterns = re.compile("|".join(fnmatch.translate(p) for p in (*DEFAULT_IGNORE, *ignore)))
     excluded = {os.path.realpath(p) for p in exclude}
@@ -185,7 +190,7 @@ def hash_test_dir(
             digest.update(identity[0].to_bytes(8, "big"))
             digest.update(file_digest)
     if cache is not None:
-        cache.save(digests)
+        cache.save(digests, started_ns)
     return digest.hexdigest()
 
 

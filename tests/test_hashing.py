@@ -322,3 +322,19 @@ def test_a_symlinked_cache_file_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "cache.json").symlink_to(victim)
     assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == hash_test_dir(root)
     assert victim.read_text() == "precious"
+
+
+def test_the_racy_rule_counts_from_the_start_of_the_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
+    (root / "fresh.py").write_bytes(b"new")
+    real_digest_file = hashing._digest_file
+
+    def slow(path: str, identity: tuple[int, int, int, int, int]) -> tuple[tuple[int, int, int, int, int], bytes]:
+        time.sleep(0.2)  # the hashing outlasts the racy window: fresh.py is old by the time the cache is written
+        return real_digest_file(path, identity)
+
+    monkeypatch.setattr(hashing, "_digest_file", slow)
+    cache_file = tmp_path / "cache.json"
+    hash_test_dir(root, cache=HashCache(cache_file))
+    remembered = json.loads(cache_file.read_bytes())["files"]
+    assert sorted(remembered) == [b"test_a.py".hex()], "fresh.py changed within the window before the hashing"
