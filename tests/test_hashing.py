@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -329,12 +331,44 @@ def test_the_racy_rule_counts_from_the_start_of_the_hashing(tmp_path: Path, monk
     (root / "fresh.py").write_bytes(b"new")
     real_digest_file = hashing._digest_file
 
-    def slow(path: str, identity: tuple[int, int, int, int, int]) -> tuple[tuple[int, int, int, int, int], bytes]:
+    def slow(path: str, limit: int | None) -> tuple[tuple[int, ...], bytes] | int:
         time.sleep(0.2)  # the hashing outlasts the racy window: fresh.py is old by the time the cache is written
-        return real_digest_file(path, identity)
+        return real_digest_file(path, limit)
 
     monkeypatch.setattr(hashing, "_digest_file", slow)
     cache_file = tmp_path / "cache.json"
     hash_test_dir(root, cache=HashCache(cache_file))
     remembered = json.loads(cache_file.read_bytes())["files"]
     assert sorted(remembered) == [b"test_a.py".hex()], "fresh.py changed within the window before the hashing"
+
+
+@pytest.mark.parametrize(("chunk", "thread_min"), [(7, 10), (1 << 20, 1 << 20), (3, 1)])
+def test_every_read_path_gives_the_same_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, thread_min: int
+) -> None:
+    sizes = [0, 1, 2, 6, 7, 8, 9, 10, 11, 100, 5000]
+    root = old_tree(tmp_path / "t", {f"f{size}": os.urandom(size) for size in sizes})
+    expected = hash_test_dir(root)
+    monkeypatch.setattr(hashing, "_CHUNK", chunk)
+    monkeypatch.setattr(hashing, "_THREAD_MIN", thread_min)
+    assert hash_test_dir(root) == expected
+    assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == expected
+    assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == expected
+
+
+glob_patterns = st.text(alphabet="ab./*?[]!-", min_size=1, max_size=6)
+relative_paths = st.lists(st.text(alphabet="ab.-*?[]", min_size=1, max_size=4), min_size=2, max_size=3).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(patterns=st.lists(glob_patterns, min_size=1, max_size=4), relative=relative_paths)
+def test_matching_names_first_leaves_out_exactly_what_matching_both_does(patterns: list[str], relative: str) -> None:
+    # Below the top, an entry is left out when a pattern matches its name or its relative path.
+    try:
+        naive = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    except re.error:
+        return
+    match, match_path = hashing._matchers(tuple(patterns))
+    name = relative.rsplit("/", 1)[1]
+    expected = naive.match(name) is not None or naive.match(relative) is not None
+    assert (match(name) is not None or (match_path is not None and match_path(relative) is not None)) == expected
