@@ -28,14 +28,15 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
-import json
 import operator
 import os
 import re
 import stat
+import struct
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -99,50 +100,79 @@ _identity: Callable[[os.stat_result], _Stat] = operator.attrgetter(
 )
 _UNREAD: _Stat = (0, 0, 0, 0, 0, 0)
 _DIGEST_SIZE = 32
+_INT64 = range(-(1 << 63), 1 << 63)
 
 
 class HashCache:
-    """File digests remembered by their stat, in one JSON file (for one test folder).
+    """File digests remembered by their stat, in one file (for one test folder).
 
-    Load and save never raise: an unreadable, foreign or corrupt cache file is treated as
-    empty (it is a cache, and starts over); a cache that cannot be written is not written.
-    The file is written atomically, 0600, and never through a symlink.
+    The file is binary: a magic line (with the tree framing's version), a header (written_ns and the sizes of what
+    follows), the sorted relative paths joined by NUL, each file's stat as six
+    little-endian int64, each file's SHA-256, the symlinks and the tree digest of the
+    last hashing (when it left no file out), then a SHA-256 of all of that. Load and save
+    never raise: an unreadable, foreign, truncated or corrupt cache file (its checksum
+    does not match) is treated as empty (it is a cache, and starts over); a cache that
+    cannot be written is not written. The file is written atomically, 0600, and never
+    through a symlink, and not at all when nothing in it would change.
     """
 
     FORMAT = "pytest-runs-hash-cache"
+    # The tree framing's domain is part of the magic: a remembered tree digest is only ever
+    # reused by the framing that made it.
+    _MAGIC = b"pytest-runs-hash-cache 2, " + _DOMAIN.rstrip(b"\0") + b"\n"
+    # written_ns, files, bytes of paths, bytes of symlinks, bytes of tree digest
+    _HEADER = struct.Struct("<qQQQQ")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._entries: dict[str, tuple[_Stat, str]] = {}
         self._written_ns = 0
+        self._paths: list[bytes] = []
+        self._stats: list[_Stat] = []
+        self._digests = b""
+        self._links = b""
+        self._tree = b""
+        self._entries: dict[bytes, tuple[_Stat, bytes]] | None = None
         self._load()
 
     def get(self, relative: bytes, identity: _Stat) -> bytes | None:
         """The digest of a file whose stat is exactly ``identity``, if it may be trusted."""
-        found = self._entries.get(relative.hex())
+        if self._entries is None:
+            digests = [self._digests[i : i + _DIGEST_SIZE] for i in range(0, len(self._digests), _DIGEST_SIZE)]
+            self._entries = dict(zip(self._paths, zip(self._stats, digests, strict=True), strict=True))
+        found = self._entries.get(relative)
         if found is None or found[0] != identity:
             return None
-        if identity[1] >= self._written_ns - int(RACY_SECONDS * 1e9):
-            return None  # modified too close to the cache's writing: it may have changed since
-        return bytes.fromhex(found[1])
+        racy_from = self._written_ns - int(RACY_SECONDS * 1e9)
+        if identity[1] >= racy_from or identity[2] >= racy_from:
+            return None  # modified too close to the hashing that wrote the cache: it may have changed since
+        return found[1]
 
-    def save(self, started_ns: int, paths: list[bytes], stats: list[_Stat], digests: list[bytes]) -> None:
+    def unchanged_tree(self, paths: list[bytes], stats: list[_Stat], links: bytes) -> bytes | None:
+        """The tree digest last saved, if the folder's files have exactly the stats and the links saved with it."""
+        if self._tree and paths == self._paths and stats == self._stats and links == self._links:
+            return self._tree
+        return None
+
+    def save(
+        self, started_ns: int, paths: list[bytes], stats: list[_Stat], digests: list[bytes], links: bytes, tree: bytes
+    ) -> None:
         """Remember the files of one hashing that began at ``started_ns``, leaving out those modified too recently.
 
-        ``started_ns`` is when the hashing began, before any file was read: a file read
-        later in a long hashing was still modified within the window if it was modified
-        within it before that start.
+        ``paths`` are sorted, ``stats`` and ``digests`` go with them; ``links`` and ``tree``
+        (the symlinks and the tree digest) are kept only if no file was left out.
         """
         racy_from = started_ns - int(RACY_SECONDS * 1e9)
-        kept = {
-            relative.hex(): (identity, digest.hex())
-            for relative, identity, digest in zip(paths, stats, digests, strict=True)
-            if identity[1] < racy_from and identity[2] < racy_from
-        }
-        if kept == self._entries:
+        if paths and (
+            max(map(operator.itemgetter(1), stats)) >= racy_from or max(map(operator.itemgetter(2), stats)) >= racy_from
+        ):
+            kept = [i for i, identity in enumerate(stats) if identity[1] < racy_from and identity[2] < racy_from]
+            paths, stats, digests = [paths[i] for i in kept], [stats[i] for i in kept], [digests[i] for i in kept]
+            links = tree = b""
+        digest_bytes = b"".join(digests)
+        saved = (self._paths, self._stats, self._digests, self._links, self._tree)
+        if (paths, stats, digest_bytes, links, tree) == saved:
             return  # nothing new to remember: an unchanged folder costs no write
-        entries = {key: [list(identity), digest] for key, (identity, digest) in kept.items()}
-        data = json.dumps({"format": self.FORMAT, "written_ns": started_ns, "files": entries}).encode()
+        data = self._encode(started_ns, paths, stats, digest_bytes, links, tree)
         with contextlib.suppress(OSError):
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
@@ -153,23 +183,63 @@ class HashCache:
                 os.unlink(temporary)
                 raise
 
+    @classmethod
+    def _encode(
+        cls, written_ns: int, paths: list[bytes], stats: list[_Stat], digests: bytes, links: bytes, tree: bytes
+    ) -> bytes:
+        try:
+            numbers = array("q", [number for identity in stats for number in identity])
+        except OverflowError:  # an inode or device beyond int64: those files are not remembered
+            kept = [i for i, identity in enumerate(stats) if all(number in _INT64 for number in identity)]
+            paths, stats = [paths[i] for i in kept], [stats[i] for i in kept]
+            digests = b"".join(digests[i * _DIGEST_SIZE : (i + 1) * _DIGEST_SIZE] for i in kept)
+            numbers = array("q", [number for identity in stats for number in identity])
+            links = tree = b""
+        if sys.byteorder == "big":
+            numbers.byteswap()
+        joined = b"\0".join(paths)
+        header = cls._HEADER.pack(written_ns, len(paths), len(joined), len(links), len(tree))
+        body = b"".join((cls._MAGIC, header, joined, numbers.tobytes(), digests, links, tree))
+        return body + hashlib.sha256(body).digest()
+
     def _load(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             with open(fd, "rb") as handle:
-                document = json.loads(handle.read())
-            if not isinstance(document, dict) or document.get("format") != self.FORMAT:
-                return
-            written_ns = int(document["written_ns"])
-            entries = {}
-            for key, (identity, digest) in document["files"].items():
-                bytes.fromhex(key)
-                if len(identity) != _STAT_FIELDS or len(bytes.fromhex(digest)) != _DIGEST_SIZE:
-                    return
-                entries[key] = (tuple(int(part) for part in identity), digest)
-        except (OSError, ValueError, TypeError, KeyError, RecursionError, AttributeError):
+                data = handle.read()
+        except OSError:
             return
-        self._entries, self._written_ns = entries, written_ns  # type: ignore[assignment]
+        start = len(self._MAGIC) + self._HEADER.size
+        if len(data) < start + _DIGEST_SIZE or not data.startswith(self._MAGIC):
+            return
+        body = memoryview(data)[:-_DIGEST_SIZE]
+        if hashlib.sha256(body).digest() != data[-_DIGEST_SIZE:]:
+            return  # truncated or corrupt
+        written_ns, count, paths_size, links_size, tree_size = self._HEADER.unpack_from(data, len(self._MAGIC))
+        stats_size = count * _STAT_FIELDS * 8
+        sizes = (paths_size, stats_size, count * _DIGEST_SIZE, links_size, tree_size)
+        if start + sum(sizes) != len(body) or tree_size not in (0, _DIGEST_SIZE):
+            return
+        offsets = [start]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        paths = data[offsets[0] : offsets[1]].split(b"\0") if count else []
+        numbers = array("q")
+        numbers.frombytes(data[offsets[1] : offsets[2]])
+        if len(paths) != count:
+            return
+        if sys.byteorder == "big":
+            numbers.byteswap()
+        columns = [numbers[field::_STAT_FIELDS] for field in range(_STAT_FIELDS)]
+        racy_from = written_ns - int(RACY_SECONDS * 1e9)
+        if count and (max(columns[1]) >= racy_from or max(columns[2]) >= racy_from):
+            return  # never written by save(): not to be trusted
+        self._written_ns = written_ns
+        self._paths = paths
+        self._stats = list(zip(*columns, strict=True))
+        self._digests = data[offsets[2] : offsets[3]]
+        self._links = data[offsets[3] : offsets[4]]
+        self._tree = data[offsets[4] : offsets[5]]
 
 
 def hash_test_dir(
@@ -195,7 +265,12 @@ def hash_test_dir(
     walk.folder(root_text, "")
     files, links = sorted(walk.files, key=_first), sorted(walk.links)
     link_parts = [(relative, _KIND_SYMLINK + _framed(relative) + _framed(_readlink(full))) for relative, full in links]
+    link_bytes = b"".join(part for _, part in link_parts)
     paths = [relative for relative, _, _ in files]
+    if cache is not None:
+        unchanged = cache.unchanged_tree(paths, [identity for _, _, identity in files if identity], link_bytes)
+        if unchanged is not None:
+            return unchanged.hex()
     stats, digests = _file_digests(files, cache)
     parts = [
         b"".join(
@@ -216,7 +291,7 @@ def hash_test_dir(
         digest.update(b"".join(parts[start : start + 4096]))
     tree = digest.digest()
     if cache is not None:
-        cache.save(started_ns, paths, stats, digests)
+        cache.save(started_ns, paths, stats, digests, link_bytes, tree)
     return tree.hex()
 
 
