@@ -7,13 +7,15 @@ different trees feed the same bytes to the hash. Timestamps, owners and the fold
 own location play no part: the same tree gives the same hash in any folder on any
 machine.
 
-Files are hashed on a few threads (``hashlib`` and reads let go of the GIL), and a
-:class:`HashCache` can remember each file's digest by its ``lstat`` (size, mtime,
-ctime, inode), so that hashing an unchanged folder again only stats it. A file modified
-within :data:`RACY_SECONDS` of the moment the cache was written is never taken from
-it (git's "racy" rule: a later change in the same timestamp tick would not show in its
-stat), and a digest is only ever reused for a file whose whole stat is the same, so the
-cache can make hashing faster but never give another hash.
+Small files are read whole with one ``os.read`` on the calling thread; files of
+:data:`_THREAD_MIN` bytes or more are read and hashed on a few threads (``hashlib``
+and reads let go of the GIL). A :class:`HashCache` can remember each file's digest by
+its ``lstat`` (size, mtime, ctime, inode, device, mode), so that hashing an unchanged
+folder again only stats it. A file modified within :data:`RACY_SECONDS` before the
+hashing that wrote the cache began is never taken from it (git's "racy" rule: a later
+change in the same timestamp tick would not show in its stat), and a digest is only ever
+reused for a file whose whole stat is the same, so the cache can make hashing faster but
+never give another hash.
 
 A folder that holds another pytest-runs store (its ``runs.lock``, or a ``runs.json``
 starting with the store's header) is refused rather than hashed: its content changes
@@ -26,13 +28,16 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
-import json
+import operator
 import os
 import re
 import stat
+import struct
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = ["DEFAULT_IGNORE", "RACY_SECONDS", "HashCache", "HashError", "hash_test_dir"]
@@ -58,14 +63,22 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 # Bump when the framing changes, so that old and new hashes never coincide.
 _DOMAIN = b"pytest-runs tree v2\0"
 _CHUNK = 1 << 20
-#: A file modified this close to the cache's writing is never taken from the cache.
+#: A file modified this close to the start of a hashing is never taken from the cache it writes.
 RACY_SECONDS = 2.0
-# Files per task on the hashing threads: many small files share one task's overhead.
+# Files this big or bigger are read and hashed on the threads; smaller ones on the calling
+# thread, where a file costs a few system calls and no hand-over between threads.
+_THREAD_MIN = 256 << 10
+# Bytes per task on the threads: many middling files share one task's overhead.
 _BATCH_BYTES = 4 << 20
 _THREADS = min(8, os.cpu_count() or 2)
 _KIND_FILE = b"f"
 _KIND_EXECUTABLE = b"x"
 _KIND_SYMLINK = b"l"
+# O_NONBLOCK: a file swapped for a FIFO after the walk must not block the open.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# os.fsencode, without a Python-level call per file.
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 # What marks a folder as a pytest-runs store (the names and header of pytest_runs.store).
 _STORE_LOCK = "runs.lock"
@@ -79,48 +92,87 @@ class HashError(Exception):
     """A file in the test folder cannot be hashed; the message names it."""
 
 
-# One file's identity for the cache: size, mtime_ns, ctime_ns, inode, device.
-_Stat = tuple[int, int, int, int, int]
+# One file's identity for the cache: size, mtime_ns, ctime_ns, inode, device, mode.
+_Stat = tuple[int, int, int, int, int, int]
+_STAT_FIELDS = 6
+_identity: Callable[[os.stat_result], _Stat] = operator.attrgetter(
+    "st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev", "st_mode"
+)
+_UNREAD: _Stat = (0, 0, 0, 0, 0, 0)
+_DIGEST_SIZE = 32
+_INT64 = range(-(1 << 63), 1 << 63)
 
 
 class HashCache:
-    """File digests remembered by their stat, in one JSON file (for one test folder).
+    """File digests remembered by their stat, in one file (for one test folder).
 
-    Load and save never raise: an unreadable, foreign or corrupt cache file is treated as
-    empty (it is a cache, and starts over); a cache that cannot be written is not written.
-    The file is written atomically, 0600, and never through a symlink.
+    The file is binary: a magic line (with the tree framing's version), a header (written_ns and the sizes of what
+    follows), the sorted relative paths joined by NUL, each file's stat as six
+    little-endian int64, each file's SHA-256, the symlinks and the tree digest of the
+    last hashing (when it left no file out), then a SHA-256 of all of that. Load and save
+    never raise: an unreadable, foreign, truncated or corrupt cache file (its checksum
+    does not match) is treated as empty (it is a cache, and starts over); a cache that
+    cannot be written is not written. The file is written atomically, 0600, and never
+    through a symlink, and not at all when nothing in it would change.
     """
 
     FORMAT = "pytest-runs-hash-cache"
+    # The tree framing's domain is part of the magic: a remembered tree digest is only ever
+    # reused by the framing that made it.
+    _MAGIC = b"pytest-runs-hash-cache 2, " + _DOMAIN.rstrip(b"\0") + b"\n"
+    # written_ns, files, bytes of paths, bytes of symlinks, bytes of tree digest
+    _HEADER = struct.Struct("<qQQQQ")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._entries: dict[str, tuple[_Stat, str]] = {}
         self._written_ns = 0
+        self._paths: list[bytes] = []
+        self._stats: list[_Stat] = []
+        self._digests = b""
+        self._links = b""
+        self._tree = b""
+        self._entries: dict[bytes, tuple[_Stat, bytes]] | None = None
         self._load()
 
     def get(self, relative: bytes, identity: _Stat) -> bytes | None:
         """The digest of a file whose stat is exactly ``identity``, if it may be trusted."""
-        found = self._entries.get(relative.hex())
+        if self._entries is None:
+            digests = [self._digests[i : i + _DIGEST_SIZE] for i in range(0, len(self._digests), _DIGEST_SIZE)]
+            self._entries = dict(zip(self._paths, zip(self._stats, digests, strict=True), strict=True))
+        found = self._entries.get(relative)
         if found is None or found[0] != identity:
             return None
-        if identity[1] >= self._written_ns - int(RACY_SECONDS * 1e9):
-            return None  # modified too close to the cache's writing: it may have changed since
-        return bytes.fromhex(found[1])
+        racy_from = self._written_ns - int(RACY_SECONDS * 1e9)
+        if identity[1] >= racy_from or identity[2] >= racy_from:
+            return None  # modified too close to the hashing that wrote the cache: it may have changed since
+        return found[1]
 
-    def save(self, digests: dict[bytes, tuple[_Stat, bytes]]) -> None:
-        """Remember ``digests`` (and only them), leaving out files modified too recently to trust."""
-        now_ns = time.time_ns()
-        racy_from = now_ns - int(RACY_SECONDS * 1e9)
-        kept = {
-            relative.hex(): (identity, digest.hex())
-            for relative, (identity, digest) in digests.items()
-            if identity[1] < racy_from and identity[2] < racy_from
-        }
-        if kept == self._entries:
+    def unchanged_tree(self, paths: list[bytes], stats: list[_Stat], links: bytes) -> bytes | None:
+        """The tree digest last saved, if the folder's files have exactly the stats and the links saved with it."""
+        if self._tree and paths == self._paths and stats == self._stats and links == self._links:
+            return self._tree
+        return None
+
+    def save(
+        self, started_ns: int, paths: list[bytes], stats: list[_Stat], digests: list[bytes], links: bytes, tree: bytes
+    ) -> None:
+        """Remember the files of one hashing that began at ``started_ns``, leaving out those modified too recently.
+
+        ``paths`` are sorted, ``stats`` and ``digests`` go with them; ``links`` and ``tree``
+        (the symlinks and the tree digest) are kept only if no file was left out.
+        """
+        racy_from = started_ns - int(RACY_SECONDS * 1e9)
+        if paths and (
+            max(map(operator.itemgetter(1), stats)) >= racy_from or max(map(operator.itemgetter(2), stats)) >= racy_from
+        ):
+            kept = [i for i, identity in enumerate(stats) if identity[1] < racy_from and identity[2] < racy_from]
+            paths, stats, digests = [paths[i] for i in kept], [stats[i] for i in kept], [digests[i] for i in kept]
+            links = tree = b""
+        digest_bytes = b"".join(digests)
+        saved = (self._paths, self._stats, self._digests, self._links, self._tree)
+        if (paths, stats, digest_bytes, links, tree) == saved:
             return  # nothing new to remember: an unchanged folder costs no write
-        entries = {key: [list(identity), digest] for key, (identity, digest) in kept.items()}
-        data = json.dumps({"format": self.FORMAT, "written_ns": now_ns, "files": entries}).encode()
+        data = self._encode(started_ns, paths, stats, digest_bytes, links, tree)
         with contextlib.suppress(OSError):
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
@@ -131,23 +183,63 @@ class HashCache:
                 os.unlink(temporary)
                 raise
 
+    @classmethod
+    def _encode(
+        cls, written_ns: int, paths: list[bytes], stats: list[_Stat], digests: bytes, links: bytes, tree: bytes
+    ) -> bytes:
+        try:
+            numbers = array("q", [number for identity in stats for number in identity])
+        except OverflowError:  # an inode or device beyond int64: those files are not remembered
+            kept = [i for i, identity in enumerate(stats) if all(number in _INT64 for number in identity)]
+            paths, stats = [paths[i] for i in kept], [stats[i] for i in kept]
+            digests = b"".join(digests[i * _DIGEST_SIZE : (i + 1) * _DIGEST_SIZE] for i in kept)
+            numbers = array("q", [number for identity in stats for number in identity])
+            links = tree = b""
+        if sys.byteorder == "big":
+            numbers.byteswap()
+        joined = b"\0".join(paths)
+        header = cls._HEADER.pack(written_ns, len(paths), len(joined), len(links), len(tree))
+        body = b"".join((cls._MAGIC, header, joined, numbers.tobytes(), digests, links, tree))
+        return body + hashlib.sha256(body).digest()
+
     def _load(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             with open(fd, "rb") as handle:
-                document = json.loads(handle.read())
-            if not isinstance(document, dict) or document.get("format") != self.FORMAT:
-                return
-            written_ns = int(document["written_ns"])
-            entries = {}
-            for key, (identity, digest) in document["files"].items():
-                bytes.fromhex(key)
-                if len(identity) != 5 or len(bytes.fromhex(digest)) != 32:
-                    return
-                entries[key] = (tuple(int(part) for part in identity), digest)
-        except (OSError, ValueError, TypeError, KeyError, RecursionError, AttributeError):
+                data = handle.read()
+        except OSError:
             return
-        self._entries, self._written_ns = entries, written_ns  # type: ignore[assignment]
+        start = len(self._MAGIC) + self._HEADER.size
+        if len(data) < start + _DIGEST_SIZE or not data.startswith(self._MAGIC):
+            return
+        body = memoryview(data)[:-_DIGEST_SIZE]
+        if hashlib.sha256(body).digest() != data[-_DIGEST_SIZE:]:
+            return  # truncated or corrupt
+        written_ns, count, paths_size, links_size, tree_size = self._HEADER.unpack_from(data, len(self._MAGIC))
+        stats_size = count * _STAT_FIELDS * 8
+        sizes = (paths_size, stats_size, count * _DIGEST_SIZE, links_size, tree_size)
+        if start + sum(sizes) != len(body) or tree_size not in (0, _DIGEST_SIZE):
+            return
+        offsets = [start]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        paths = data[offsets[0] : offsets[1]].split(b"\0") if count else []
+        numbers = array("q")
+        numbers.frombytes(data[offsets[1] : offsets[2]])
+        if len(paths) != count:
+            return
+        if sys.byteorder == "big":
+            numbers.byteswap()
+        columns = [numbers[field::_STAT_FIELDS] for field in range(_STAT_FIELDS)]
+        racy_from = written_ns - int(RACY_SECONDS * 1e9)
+        if count and (max(columns[1]) >= racy_from or max(columns[2]) >= racy_from):
+            return  # never written by save(): not to be trusted
+        self._written_ns = written_ns
+        self._paths = paths
+        self._stats = list(zip(*columns, strict=True))
+        self._digests = data[offsets[2] : offsets[3]]
+        self._links = data[offsets[3] : offsets[4]]
+        self._tree = data[offsets[4] : offsets[5]]
 
 
 def hash_test_dir(
@@ -165,103 +257,198 @@ def hash_test_dir(
     for a folder met in the walk (``root`` included) that holds a pytest-runs store
     other than an excluded one: the message names the store and how to keep it out.
     """
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise HashError(f"test dir {root_path} is not a folder")
-    # One regular expression for all the patterns: matched once per name and once per path.
-    patterns = re.compile("|".join(fnmatch.translate(p) for p in (*DEFAULT_IGNORE, *ignore)))
-    excluded = {os.path.realpath(p) for p in exclude}
-    digest = hashlib.sha256(_DOMAIN)
-    entries = sorted(_walk(str(root_path), "", patterns, excluded, str(root_path)))
-    files = {relative: (full, identity) for relative, full, kind, identity in entries if kind != _KIND_SYMLINK}
-    digests = _file_digests(files, cache)
-    for relative, full, kind, _ in entries:
-        digest.update(kind)
-        digest.update(_framed(relative))
-        if kind == _KIND_SYMLINK:
-            digest.update(_framed(os.fsencode(_readlink(full))))
-        else:
-            identity, file_digest = digests[relative]
-            digest.update(identity[0].to_bytes(8, "big"))
-            digest.update(file_digest)
+    root_text = str(Path(root))
+    if not os.path.isdir(root_text):
+        raise HashError(f"test dir {root_text} is not a folder")
+    started_ns = time.time_ns()  # before any stat: the racy rule's reference
+    walk = _Walk(*_matchers((*DEFAULT_IGNORE, *ignore)), _excluded(exclude), root_text, with_stats=cache is not None)
+    walk.folder(root_text, "")
+    files, links = sorted(walk.files, key=_first), sorted(walk.links)
+    link_parts = [(relative, _KIND_SYMLINK + _framed(relative) + _framed(_readlink(full))) for relative, full in links]
+    link_bytes = b"".join(part for _, part in link_parts)
+    paths = [relative for relative, _, _ in files]
     if cache is not None:
-        cache.save(digests)
-    return digest.hexdigest()
+        unchanged = cache.unchanged_tree(paths, [identity for _, _, identity in files if identity], link_bytes)
+        if unchanged is not None:
+            return unchanged.hex()
+    stats, digests = _file_digests(files, cache)
+    parts = [
+        b"".join(
+            (
+                _KIND_EXECUTABLE if identity[5] & stat.S_IXUSR else _KIND_FILE,
+                len(relative).to_bytes(8, "big"),
+                relative,
+                identity[0].to_bytes(8, "big"),
+                file_digest,
+            )
+        )
+        for relative, identity, file_digest in zip(paths, stats, digests, strict=True)
+    ]
+    if link_parts:
+        parts = [part for _, part in sorted([*zip(paths, parts, strict=True), *link_parts])]
+    digest = hashlib.sha256(_DOMAIN)
+    for start in range(0, len(parts), 4096):
+        digest.update(b"".join(parts[start : start + 4096]))
+    tree = digest.digest()
+    if cache is not None:
+        cache.save(started_ns, paths, stats, digests, link_bytes, tree)
+    return tree.hex()
 
 
-def _file_digests(files: dict[bytes, tuple[str, _Stat]], cache: HashCache | None) -> dict[bytes, tuple[_Stat, bytes]]:
-    """Each file's (stat, SHA-256): from the cache where it may be trusted, else read, on a few threads."""
-    found: dict[bytes, tuple[_Stat, bytes]] = {}
-    batches: list[list[tuple[bytes, str, _Stat]]] = [[]]
+def _file_digests(
+    files: list[tuple[bytes, str, _Stat | None]], cache: HashCache | None
+) -> tuple[list[_Stat], list[bytes]]:
+    """Each file's stat and SHA-256: from the cache where it may be trusted, else read (big files on threads)."""
+    stats = [_UNREAD] * len(files)
+    digests = [b""] * len(files)
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+    pending: list[tuple[list[int], concurrent.futures.Future[list[tuple[_Stat, bytes]]]]] = []
+    batch: list[int] = []
     batch_bytes = 0
-    for relative, (full, identity) in files.items():
-        cached = cache.get(relative, identity) if cache is not None else None
-        if cached is not None:
-            found[relative] = (identity, cached)
-            continue
-        if batch_bytes >= _BATCH_BYTES:
-            batches.append([])
-            batch_bytes = 0
-        batches[-1].append((relative, full, identity))
-        batch_bytes += identity[0] + 4096
-    if len(batches) == 1:
-        found.update(_digest_batch(batches[0]))  # a few small files: threads would cost more than they give
-        return found
-    with concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        for done in pool.map(_digest_batch, batches):
-            found.update(done)
-    return found
+    try:
+        for index, (relative, full, identity) in enumerate(files):
+            if cache is not None and identity is not None:
+                cached = cache.get(relative, identity)
+                if cached is not None:
+                    stats[index], digests[index] = identity, cached
+                    continue
+            done = _digest_file(full, _THREAD_MIN)
+            if isinstance(done, int):  # a big file: read and hashed on a thread, while this one goes on
+                batch.append(index)
+                batch_bytes += done
+                if batch_bytes >= _BATCH_BYTES:
+                    pool = pool or concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS)
+                    pending.append((batch, pool.submit(_digest_batch, [files[i][1] for i in batch])))
+                    batch, batch_bytes = [], 0
+            else:
+                stats[index], digests[index] = done
+        if batch:
+            pool = pool or concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS)
+            pending.append((batch, pool.submit(_digest_batch, [files[i][1] for i in batch])))
+        for indexes, future in pending:
+            for index, (identity, file_digest) in zip(indexes, future.result(), strict=True):
+                stats[index], digests[index] = identity, file_digest
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return stats, digests
 
 
-def _digest_batch(batch: list[tuple[bytes, str, _Stat]]) -> dict[bytes, tuple[_Stat, bytes]]:
-    return {relative: _digest_file(full, identity) for relative, full, identity in batch}
+def _digest_batch(paths: list[str]) -> list[tuple[_Stat, bytes]]:
+    done = [_digest_file(path, None) for path in paths]
+    return [result for result in done if not isinstance(result, int)]
+
+
+_first = operator.itemgetter(0)
 
 
 def _framed(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
-def _ignored(name: str, relative: str, patterns: re.Pattern[str]) -> bool:
-    return patterns.match(name) is not None or patterns.match(relative) is not None
+class _Walk:
+    """The files (relative path, full path, lstat identity or None) and symlinks found below a folder."""
 
+    def __init__(
+        self,
+        match: Callable[[str], object],
+        match_path: Callable[[str], object] | None,
+        excluded: tuple[set[tuple[int, int]], set[str]],
+        root: str,
+        with_stats: bool,
+    ) -> None:
+        self.match = match
+        self.match_path = match_path
+        self.excluded = excluded
+        self.root = root
+        self.with_stats = with_stats
+        self.files: list[tuple[bytes, str, _Stat | None]] = []
+        self.links: list[tuple[bytes, str]] = []
 
-def _walk(
-    folder: str, prefix: str, patterns: re.Pattern[str], excluded: set[str], root: str
-) -> Iterator[tuple[bytes, str, bytes, _Stat]]:
-    """Yield (relative path as bytes, full path, kind, lstat identity) for every file below ``folder``."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError as error:
-        raise HashError(f"cannot list {folder}: {error.strerror or error}") from None
-    if _holds_store(folder, [e.name for e in entries if e.name in _STORE_FILES and e.is_file(follow_symlinks=False)]):
-        if not prefix:
+    def folder(self, folder: str, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:
+            raise HashError(f"cannot list {folder}: {error.strerror or error}") from None
+        match, files, with_stats = self.match, self.files, self.with_stats
+        match_path = self.match_path if prefix else None
+        store_files: list[str] = []
+        subfolders: list[tuple[os.DirEntry[str], str]] = []
+        special = None
+        for entry in entries:
+            name = entry.name
+            try:
+                # The kind comes from the listing (d_type): no stat per entry unless the cache needs one.
+                if name in _STORE_FILES and entry.is_file(follow_symlinks=False):
+                    store_files.append(name)
+                if match(name) is not None:
+                    continue
+                relative = prefix + name
+                if match_path is not None and match_path(relative) is not None:
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    identity = _identity(entry.stat(follow_symlinks=False)) if with_stats else None
+                    files.append((relative.encode(_FS_ENCODING, _FS_ERRORS), entry.path, identity))
+                elif entry.is_dir(follow_symlinks=False):
+                    subfolders.append((entry, relative))
+                elif entry.is_symlink():
+                    self.links.append((relative.encode(_FS_ENCODING, _FS_ERRORS), entry.path))
+                elif special is None:
+                    special = entry.path
+            except OSError as error:
+                raise HashError(f"cannot stat {entry.path}: {error.strerror or error}") from None
+        if _holds_store(folder, store_files):
+            if not prefix:
+                raise HashError(
+                    f"test dir {self.root} is itself a pytest-runs store; keep the store outside the tests' folder "
+                    "or pass --runs-test-dir with the tests' folder"
+                )
             raise HashError(
-                f"test dir {root} is itself a pytest-runs store; keep the store outside the tests' folder "
-                "or pass --runs-test-dir with the tests' folder"
+                f"test dir {self.root} contains another pytest-runs store, {folder}; pass --runs-test-dir with a "
+                f"folder that does not hold it, add {prefix.rstrip('/')!r} to runs_hash_ignore, or move that store"
             )
-        raise HashError(
-            f"test dir {root} contains another pytest-runs store, {folder}; pass --runs-test-dir with a folder "
-            f"that does not hold it, add {prefix.rstrip('/')!r} to runs_hash_ignore, or move that store"
-        )
-    for entry in entries:
-        relative = prefix + entry.name
-        if _ignored(entry.name, relative, patterns):
-            continue
+        if special is not None:
+            raise HashError(f"cannot hash {special}: not a regular file, folder or symlink")
+        for entry, relative in subfolders:
+            if not self._is_excluded(entry):
+                self.folder(entry.path, relative + "/")
+
+    def _is_excluded(self, entry: os.DirEntry[str]) -> bool:
+        identities, real_paths = self.excluded
+        if not identities:
+            return False
         try:
             info = entry.stat(follow_symlinks=False)
         except OSError as error:
             raise HashError(f"cannot stat {entry.path}: {error.strerror or error}") from None
-        mode = info.st_mode
-        if stat.S_ISLNK(mode):
-            yield os.fsencode(relative), entry.path, _KIND_SYMLINK, _identity(info)
-        elif stat.S_ISDIR(mode):
-            if os.path.realpath(entry.path) not in excluded:
-                yield from _walk(entry.path, relative + "/", patterns, excluded, root)
-        elif stat.S_ISREG(mode):
-            kind = _KIND_EXECUTABLE if mode & stat.S_IXUSR else _KIND_FILE
-            yield os.fsencode(relative), entry.path, kind, _identity(info)
-        else:
-            raise HashError(f"cannot hash {entry.path}: not a regular file, folder or symlink")
+        # The same folder has the same device and inode: realpath only for a likely match.
+        return (info.st_dev, info.st_ino) in identities and os.path.realpath(entry.path) in real_paths
+
+
+def _matchers(patterns: tuple[str, ...]) -> tuple[Callable[[str], object], Callable[[str], object] | None]:
+    """Matchers for entry names (every pattern) and for relative paths (the patterns that need it), one regex each.
+
+    A pattern with no ``/`` that is a plain name (``.git``) or ``*`` and a plain suffix (``*.pyc``)
+    matches a path below the top exactly when it matches its last name, already tested: only
+    the other patterns are matched against the relative path too.
+    """
+    by_path = [p for p in patterns if "/" in p or any(c in p.removeprefix("*") for c in "*?[")]
+    match = re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
+    return match, re.compile("|".join(fnmatch.translate(p) for p in by_path)).match if by_path else None
+
+
+def _excluded(exclude: Iterable[str | os.PathLike[str]]) -> tuple[set[tuple[int, int]], set[str]]:
+    """The (device, inode) and real path of each folder to leave out that exists."""
+    identities, real_paths = set(), set()
+    for path in exclude:
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            continue  # a folder that does not exist holds nothing to leave out
+        identities.add((info.st_dev, info.st_ino))
+        real_paths.add(os.path.realpath(path))
+    return identities, real_paths
 
 
 def _holds_store(folder: str, file_names: list[str]) -> bool:
@@ -280,39 +467,56 @@ def _holds_store(folder: str, file_names: list[str]) -> bool:
         raise HashError(f"cannot read {os.path.join(folder, _STORE_STATE)}: {error.strerror or error}") from None
 
 
-def _readlink(path: str) -> str:
+def _readlink(path: str) -> bytes:
     try:
-        return os.readlink(path)
+        return os.fsencode(os.readlink(path))
     except OSError as error:
         raise HashError(f"cannot read symlink {path}: {error.strerror or error}") from None
 
 
-def _digest_file(path: str, identity: _Stat) -> tuple[_Stat, bytes]:
-    """The file's stat as it was read, and the SHA-256 of exactly that many bytes."""
+def _digest_file(path: str, limit: int | None) -> tuple[_Stat, bytes] | int:
+    """The file's stat as it was read and the SHA-256 of exactly that many bytes; only its size if ``limit`` or more."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as error:
         raise HashError(f"cannot read {path}: {error.strerror or error}") from None
-    with open(fd, "rb", buffering=0) as handle:
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise HashError(f"cannot hash {path}: it is no longer a regular file")
-            read_identity = _identity(info)
-            digest = hashlib.sha256()
-            buffer = bytearray(min(_CHUNK, max(info.st_size, 1)))
-            view = memoryview(buffer)
-            remaining = info.st_size
-            while remaining > 0:
-                count = handle.readinto(view[: min(len(buffer), remaining)])
-                if not count:
-                    raise HashError(f"{path} shrank while it was being hashed")
-                digest.update(view[:count])
-                remaining -= count
-        except OSError as error:
-            raise HashError(f"cannot read {path}: {error.strerror or error}") from None
-    return read_identity, digest.digest()
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise HashError(f"cannot hash {path}: it is no longer a regular file")
+        size = info.st_size
+        if limit is not None and size >= limit:
+            return size
+        if size <= _CHUNK:  # one read, one update
+            data = os.read(fd, size) if size else b""
+            if len(data) < size:
+                data = _read_rest(fd, data, size, path)
+            return _identity(info), hashlib.sha256(data).digest()
+        digest = hashlib.sha256()
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        remaining = size
+        while remaining > 0:
+            count = os.readv(fd, [view[: min(_CHUNK, remaining)]])
+            if not count:
+                raise HashError(f"{path} shrank while it was being hashed")
+            digest.update(view[:count])
+            remaining -= count
+        return _identity(info), digest.digest()
+    except OSError as error:
+        raise HashError(f"cannot read {path}: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
 
 
-def _identity(info: os.stat_result) -> _Stat:
-    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+def _read_rest(fd: int, data: bytes, size: int, path: str) -> bytes:
+    """``data`` (a short first read) completed to ``size`` bytes."""
+    parts = [data]
+    missing = size - len(data)
+    while missing > 0:
+        more = os.read(fd, missing)
+        if not more:
+            raise HashError(f"{path} shrank while it was being hashed")
+        parts.append(more)
+        missing -= len(more)
+    return b"".join(parts)

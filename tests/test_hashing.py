@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -291,28 +292,93 @@ def test_a_file_modified_just_before_the_cache_was_written_is_never_trusted(
     assert "fresh.py" in read, "a file as new as the cache is hashed again"
 
 
+def cache_is_valid(cache_file: Path) -> bool:
+    """Whether ``cache_file`` holds a cache that loads with at least one file in it."""
+    return len(HashCache(cache_file)._paths) > 0
+
+
+def flip_byte(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
 @pytest.mark.parametrize(
     "content",
-    [b"not json", b'{"format": "other"}', b'{"format": "pytest-runs-hash-cache", "written_ns": 1, "files": 7}', b""],
+    [
+        b"not json",
+        b'{"format": "other"}',
+        b'{"format": "pytest-runs-hash-cache", "written_ns": 1, "files": 7}',  # the first release's JSON cache
+        b"",
+        HashCache._MAGIC,
+        HashCache._MAGIC + bytes(200),
+    ],
 )
 def test_a_corrupt_cache_is_ignored_and_rewritten(tmp_path: Path, content: bytes) -> None:
     root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
     cache_file = tmp_path / "cache.json"
     cache_file.write_bytes(content)
     assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
-    assert json.loads(cache_file.read_bytes())["format"] == "pytest-runs-hash-cache"
+    assert cache_file.read_bytes().startswith(b"pytest-runs-hash-cache 2, pytest-runs tree v2\n")
+    assert cache_is_valid(cache_file)
+
+
+@pytest.mark.parametrize("where", ["truncated", "stats", "digest", "tree", "checksum", "older framing"])
+def test_a_damaged_cache_is_refused_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a", "test_b.py": b"b"})
+    cache_file = tmp_path / "cache.json"
+    expected = hash_test_dir(root, cache=HashCache(cache_file))
+    data = cache_file.read_bytes()
+    assert cache_is_valid(cache_file)
+    # The layout: magic, header, paths, 2 x 6 int64 stats, 2 digests, (no links), tree digest, checksum.
+    stats_at = len(HashCache._MAGIC) + HashCache._HEADER.size + len(b"test_a.py\0test_b.py")
+    offsets = {"stats": stats_at + 8, "digest": stats_at + 96 + 5, "tree": len(data) - 40, "checksum": len(data) - 1}
+    if where == "truncated":
+        damaged = data[:-1]
+    elif where == "older framing":  # a well-formed cache written for another tree format: its tree digest is foreign
+        body = data[:-32].replace(b"pytest-runs tree v2\n", b"pytest-runs tree v1\n", 1)
+        damaged = body + hashlib.sha256(body).digest()
+    else:
+        damaged = flip_byte(data, offsets[where])
+    cache_file.write_bytes(damaged)
+    assert not cache_is_valid(cache_file)
+    read = counting_reads(monkeypatch)
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == expected
+    assert {"test_a.py", "test_b.py"} <= set(read), "every file was read again"
+
+
+def forge(cache_file: Path, digest: bytes) -> None:
+    """Rewrite ``cache_file`` (checksum included) so that it gives ``digest`` for every file and for the tree."""
+    cache = HashCache(cache_file)
+    count = len(cache._paths)
+    data = HashCache._encode(cache._written_ns, cache._paths, cache._stats, digest * count, cache._links, digest)
+    cache_file.write_bytes(data)
+    assert HashCache(cache_file)._digests == digest * count
 
 
 def test_a_lying_cache_cannot_change_the_hash_of_a_changed_file(tmp_path: Path) -> None:
     root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
     cache_file = tmp_path / "cache.json"
     hash_test_dir(root, cache=HashCache(cache_file))
-    document = json.loads(cache_file.read_bytes())
-    for entry in document["files"].values():
-        entry[1] = "00" * 32  # a wrong digest for the same stat: only a file changed since is safe from it
-    cache_file.write_text(json.dumps(document))
+    # A wrong digest for the same stat: only a file changed since is safe from it.
+    forge(cache_file, bytes(32))
     (root / "test_a.py").write_bytes(b"b")
     assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
+
+
+def test_a_cache_that_says_a_fresh_file_is_old_is_refused(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "t", {"fresh.py": b"a"})
+    cache_file = tmp_path / "cache.json"
+    stats = [hashing._identity((root / "fresh.py").stat())]
+    cache_file.write_bytes(HashCache._encode(time.time_ns(), [b"fresh.py"], stats, bytes(32), b"", bytes(32)))
+    assert HashCache(cache_file)._paths == [], "a cache that save() could not have written is not loaded"
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
+
+
+def test_a_file_whose_stat_does_not_fit_in_int64_is_not_remembered(tmp_path: Path) -> None:
+    stats = [(1, 1, 1, 1 << 63, 1, 0o100644), (1, 1, 1, 5, 1, 0o100644)]  # an inode past int64, as on some filesystems
+    cache_file = tmp_path / "cache.json"
+    cache_file.write_bytes(HashCache._encode(time.time_ns(), [b"a", b"b"], stats, bytes(64), b"", bytes(32)))
+    cache = HashCache(cache_file)
+    assert (cache._paths, cache._stats, cache._tree) == ([b"b"], [stats[1]], b"")
 
 
 def test_a_symlinked_cache_file_is_not_followed(tmp_path: Path) -> None:
@@ -322,3 +388,75 @@ def test_a_symlinked_cache_file_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "cache.json").symlink_to(victim)
     assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == hash_test_dir(root)
     assert victim.read_text() == "precious"
+
+
+def test_a_file_left_out_as_racy_then_removed_leaves_the_hash(tmp_path: Path) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
+    (root / "fresh.py").write_bytes(b"new")  # too new to remember: the cache holds test_a.py only
+    cache_file = tmp_path / "cache.json"
+    hash_test_dir(root, cache=HashCache(cache_file))
+    (root / "fresh.py").unlink()
+    # The files left now are exactly the remembered ones, with the same stats: the tree must still be hashed anew.
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == hash_test_dir(root)
+
+
+def test_a_warm_cache_sees_a_new_mode_and_a_new_link_target(tmp_path: Path) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a", "test_b.py": b"b"})
+    (root / "link").symlink_to("test_a.py")
+    cache_file = tmp_path / "cache.json"
+    first = hash_test_dir(root, cache=HashCache(cache_file))
+    assert hash_test_dir(root, cache=HashCache(cache_file)) == first
+    (root / "link").unlink()
+    (root / "link").symlink_to("test_b.py")
+    second = hash_test_dir(root, cache=HashCache(cache_file))
+    assert second == hash_test_dir(root) != first
+    (root / "test_a.py").chmod(0o755)
+    third = hash_test_dir(root, cache=HashCache(cache_file))
+    assert third == hash_test_dir(root) != second
+
+
+def test_the_racy_rule_counts_from_the_start_of_the_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = old_tree(tmp_path / "t", {"test_a.py": b"a"})
+    (root / "fresh.py").write_bytes(b"new")
+    real_digest_file = hashing._digest_file
+
+    def slow(path: str, limit: int | None) -> tuple[tuple[int, ...], bytes] | int:
+        time.sleep(0.2)  # the hashing outlasts the racy window: fresh.py is old by the time the cache is written
+        return real_digest_file(path, limit)
+
+    monkeypatch.setattr(hashing, "_digest_file", slow)
+    cache_file = tmp_path / "cache.json"
+    hash_test_dir(root, cache=HashCache(cache_file))
+    assert HashCache(cache_file)._paths == [b"test_a.py"], "fresh.py changed within the window before the hashing"
+
+
+@pytest.mark.parametrize(("chunk", "thread_min"), [(7, 10), (1 << 20, 1 << 20), (3, 1)])
+def test_every_read_path_gives_the_same_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, thread_min: int
+) -> None:
+    sizes = [0, 1, 2, 6, 7, 8, 9, 10, 11, 100, 5000]
+    root = old_tree(tmp_path / "t", {f"f{size}": os.urandom(size) for size in sizes})
+    expected = hash_test_dir(root)
+    monkeypatch.setattr(hashing, "_CHUNK", chunk)
+    monkeypatch.setattr(hashing, "_THREAD_MIN", thread_min)
+    assert hash_test_dir(root) == expected
+    assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == expected
+    assert hash_test_dir(root, cache=HashCache(tmp_path / "cache.json")) == expected
+
+
+glob_patterns = st.text(alphabet="ab./*?[]!-", min_size=1, max_size=6)
+relative_paths = st.lists(st.text(alphabet="ab.-*?[]", min_size=1, max_size=4), min_size=2, max_size=3).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(patterns=st.lists(glob_patterns, min_size=1, max_size=4), relative=relative_paths)
+def test_matching_names_first_leaves_out_exactly_what_matching_both_does(patterns: list[str], relative: str) -> None:
+    # Below the top, an entry is left out when a pattern matches its name or its relative path.
+    try:
+        naive = re.compile("|".join(fnmatch.translate(p) for p in patterns))
+    except re.error:
+        return
+    match, match_path = hashing._matchers(tuple(patterns))
+    name = relative.rsplit("/", 1)[1]
+    expected = naive.match(name) is not None or naive.match(relative) is not None
+    assert (match(name) is not None or (match_path is not None and match_path(relative) is not None)) == expected
