@@ -445,12 +445,12 @@ class Store:
         return open(fd, "a", encoding="utf-8", errors="backslashreplace")
 
     def hash_cache(self, test_dir: Path) -> HashCache:
-        """The stat cache of ``test_dir``'s file digests, ``<state dir>/hash-cache/<key>.json``."""
+        """The stat cache of ``test_dir``'s file digests: ``<state dir>/hash-cache/<key>.bin``."""
         ensure_state_dir(self.state_dir)
         folder = self.state_dir / HASH_CACHE_DIR_NAME
         make_private_dir(folder)
         key = hashlib.sha256(os.fsencode(os.path.realpath(test_dir))).hexdigest()[:32]
-        return HashCache(folder / f"{key}.json")
+        return HashCache(folder / f"{key}.bin")
 
     def wait_for_change(self, holder: Run, timeout: float) -> None:
         """Sleep until the machine ``holder`` occupies may have become free, at most ``timeout`` seconds.
