@@ -8,17 +8,25 @@ reading history from either end are all checked against the model.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, RunNotFound, Status, Store, filebackend
+from pytest_runs.pgbackend import PgBackend
+from pytest_runs.store import open_store
+
+#: As in conftest.py: the server of the database tests.
+TEST_DATABASE = os.environ.get("RUNS_TEST_DATABASE", "postgresql://127.0.0.1:5432/test")
 
 machines = st.sampled_from(["rig-1", "rig-2", "board:7"])
 hashes = st.sampled_from(["h1", "h2"])
@@ -195,6 +203,27 @@ class StoreWithRetentionAgainstModel(StoreAgainstModel):
     keep = 2
 
 
+class DatabaseStoreAgainstModel(StoreAgainstModel):
+    """The same rules on the PostgreSQL backend, with retention, on a schema of its own."""
+
+    keep = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        if TEST_DATABASE == "skip":
+            pytest.skip("RUNS_TEST_DATABASE=skip")
+        self.schema = f"model_{os.getpid()}_{secrets.token_hex(4)}"
+        self.store = open_store(self.folder / "files", f"{TEST_DATABASE}?schema={self.schema}", keep=self.keep)
+
+    def teardown(self) -> None:
+        backend = self.store.backend
+        if isinstance(backend, PgBackend):
+            backend.close()
+        with psycopg.connect(TEST_DATABASE, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        super().teardown()
+
+
 class UpgradedStoreAgainstModel(StoreAgainstModel):
     """Starts from a format-1 store as pytest-runs 0.1 left it, with ended and active runs."""
 
@@ -221,5 +250,7 @@ StoreAgainstModel.TestCase.settings = settings(max_examples=30, stateful_step_co
 TestStoreAgainstModel = StoreAgainstModel.TestCase
 StoreWithRetentionAgainstModel.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
 TestStoreWithRetentionAgainstModel = StoreWithRetentionAgainstModel.TestCase
+DatabaseStoreAgainstModel.TestCase.settings = settings(max_examples=15, stateful_step_count=25, deadline=None)
+TestDatabaseStoreAgainstModel = DatabaseStoreAgainstModel.TestCase
 UpgradedStoreAgainstModel.TestCase.settings = settings(max_examples=20, stateful_step_count=20, deadline=None)
 TestUpgradedStoreAgainstModel = UpgradedStoreAgainstModel.TestCase
