@@ -17,6 +17,7 @@ from terminal import run_on_a_terminal
 from pytest_runs import Run, Status, Store
 from pytest_runs.cli import main
 from pytest_runs.model import OPTIONAL_KEYS
+from pytest_runs.store import open_store
 
 
 @pytest.fixture
@@ -27,9 +28,24 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+#: The command runs against each backend: the JSON files, and PostgreSQL (through PYTEST_RUNS_STORE).
+KINDS = ("files", "postgresql")
+file_only = pytest.mark.kinds("files")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("kinds")
+        metafunc.parametrize("store_kind", marker.args if marker else KINDS)
+
+
 @pytest.fixture
-def store(state_dir: Path) -> Store:
-    return Store(state_dir)
+def store(state_dir: Path, store_kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Store:
+    if store_kind == "files":
+        return Store(state_dir)
+    url = request.getfixturevalue("pg_url")
+    monkeypatch.setenv("PYTEST_RUNS_STORE", url)
+    return open_store(state_dir, url)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -238,11 +254,11 @@ def test_prune_older_than_and_dry_run(store: Store, capsys: pytest.CaptureFixtur
     ancient = finished(store, "rig-1", ago=3 * 86400)
     recent = finished(store, "rig-1", ago=3600)
     running(store, "rig-2")
-    before = store.state_path.read_bytes()
+    before = store.list()
     code, out, _ = run_cli(capsys, "prune", "--older-than", "2d", "--dry-run")
     assert code == 0
     assert out.startswith("would remove 1 run\n") and ancient.id in out
-    assert store.state_path.read_bytes() == before
+    assert store.list() == before
     assert Path(ancient.artifacts_path).is_dir()
     removed = json_out(capsys, "prune", "--older-than", "2d")
     assert [r["id"] for r in removed] == [ancient.id]
