@@ -115,6 +115,8 @@ class Backend(Protocol):
     location: str
     #: Seconds a transaction waits for the store's lock before :class:`~pytest_runs.errors.StoreLocked`.
     lock_timeout: float
+    #: Whether :meth:`wait_for_change` returns as soon as the machine may be free (else it just sleeps).
+    wakes_on_change: bool
 
     def wait_for_change(self, holder: Run, timeout: float) -> None:
         """Return when the machine ``holder`` occupies may be free, or after ``timeout`` seconds."""

@@ -145,6 +145,7 @@ class FileBackend:
     def __init__(self, state_dir: Path, *, lock_timeout: float) -> None:
         self.state_dir = state_dir
         self.location = str(state_dir)
+        self.wakes_on_change = False
         self.lock_timeout = lock_timeout
         self.state_path = state_dir / STATE_FILE_NAME
         self.lock_path = state_dir / LOCK_FILE_NAME

@@ -115,6 +115,7 @@ class PgBackend:
     def __init__(self, url: str, *, lock_timeout: float) -> None:
         self.url = url
         self.location = mask(url)
+        self.wakes_on_change = True
         self.lock_timeout = lock_timeout
         self.conninfo, self.schema = _split_schema(url)
         self._psycopg = _driver()

@@ -53,6 +53,7 @@ from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, 
 
 __all__ = ["TrackedSession"]
 _WAIT_POLL_SECONDS = 0.5
+_WAKEUP_WAIT_SECONDS = 10.0
 _WAIT_REPORT_EVERY = 30.0
 
 
@@ -222,7 +223,10 @@ class TrackedSession:
                 in_place=f"pytest-runs: {waiting}: {settings.machine} {run.status.value} for {held_for(run)}, "
                 f"run {run.id} (hash {run.short_hash})",
             )
-            pause = max(0.0, min(_WAIT_POLL_SECONDS * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
+            # A store that wakes its waiters when a machine frees is waited on longer (the
+            # progress line still moves); the files are looked at again every half second.
+            poll = _WAKEUP_WAIT_SECONDS if store.backend.wakes_on_change else _WAIT_POLL_SECONDS
+            pause = max(0.0, min(poll * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
             try:
                 store.wait_for_change(run, pause)
             except StateError:
