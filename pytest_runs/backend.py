@@ -121,6 +121,9 @@ class Backend(Protocol):
     def wait_for_change(self, holder: Run, timeout: float) -> None:
         """Return when the machine ``holder`` occupies may be free, or after ``timeout`` seconds."""
 
+    def stop_waiting(self) -> None:
+        """Let go of whatever :meth:`wait_for_change` kept for the next call."""
+
     def liveness_lock(self) -> OwnerLock:
         """A new :class:`OwnerLock`, already held; :class:`~pytest_runs.errors.StateError` if it cannot be taken."""
 

@@ -161,6 +161,9 @@ class FileBackend:
         """Sleep ``timeout`` seconds: the caller looks again."""
         time.sleep(max(0.0, timeout))
 
+    def stop_waiting(self) -> None:
+        """Nothing is kept between waits."""
+
     def liveness_lock(self) -> liveness.LivenessLock:
         """An OFD lock on ``owners/<token>.lock``, already held (see :mod:`pytest_runs.liveness`)."""
         ensure_state_dir(self.state_dir)

@@ -123,6 +123,7 @@ class PgBackend:
         self._mutex = threading.Lock()
         self._inside = threading.local()
         self._ready = False
+        self._waiter: _Waiter | None = None
 
     # -- connections ------------------------------------------------------------------
 
@@ -148,7 +149,8 @@ class PgBackend:
         return self._conn
 
     def close(self) -> None:
-        """Close this backend's connection (a new one is opened on the next call)."""
+        """Close this backend's connections (a new one is opened on the next call)."""
+        self.stop_waiting()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -237,34 +239,67 @@ class PgBackend:
         return lock
 
     def wait_for_change(self, holder: Run, timeout: float) -> None:
-        """Return when a run ends (``NOTIFY``) or ``holder``'s owner lets go or dies, or after ``timeout``."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        listener = self.connect(autocommit=True)
-        watcher = None
+        """Return when a run ends (``NOTIFY``) or ``holder``'s owner lets go or dies, or after ``timeout``.
+
+        The waiting connections are kept from one call to the next while the holder is the
+        same, so that a caller may wait in short steps (to show progress) at no cost.
+        """
+        waiter = self._waiter
+        if waiter is not None and waiter.token != holder.owner_token:
+            self.stop_waiting()
+            waiter = None
         try:
-            listener.execute(f"LISTEN {self.schema}_ended")
-            # Anything that ended before we listened is seen by the caller's next look.
-            sockets = [listener.fileno()]
-            if holder.owner_token:
-                watcher = self.connect(autocommit=True)
-                key = _signed_key(holder.owner_token)
-                watcher.pgconn.send_query(f"SELECT pg_advisory_lock_shared({key}::bigint)".encode())
-                sockets.append(watcher.fileno())
-            while (left := deadline - time.monotonic()) > 0:
-                readable, _, _ = select.select(sockets, [], [], left)
-                if listener.fileno() in readable and any(True for _ in listener.notifies(timeout=0)):
-                    return
-                if watcher is not None and watcher.fileno() in readable:
-                    watcher.pgconn.consume_input()
-                    if not watcher.pgconn.is_busy():
-                        return  # the holder's lock was granted to us: it let go or died
-        except (self._psycopg.OperationalError, OSError):
-            time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
-        finally:
-            for conn in (watcher, listener):
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+            if waiter is None:
+                waiter = self._waiter = _Waiter(self, holder.owner_token)
+            if waiter.wait(timeout):
+                self.stop_waiting()
+        except (self._psycopg.Error, OSError, StateError):
+            self.stop_waiting()
+            time.sleep(max(0.0, min(1.0, timeout)))
+
+    def stop_waiting(self) -> None:
+        """Close the connections of :meth:`wait_for_change`."""
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
+
+
+class _Waiter:
+    """A waiting session's two connections: one listening for ended runs, one asking for the holder's lock."""
+
+    def __init__(self, backend: PgBackend, token: str) -> None:
+        self.token = token
+        self.listener = backend.connect(autocommit=True)
+        self.watcher: psycopg.Connection[Any] | None = None
+        try:
+            self.listener.execute(f"LISTEN {backend.schema}_ended")
+            if token:
+                self.watcher = backend.connect(autocommit=True)
+                # Granted by the server the moment the holder lets go or its session ends.
+                self.watcher.pgconn.send_query(f"SELECT pg_advisory_lock_shared({_signed_key(token)}::bigint)".encode())
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, timeout: float) -> bool:
+        """Whether something changed within ``timeout`` seconds."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        sockets = [self.listener.fileno()] + ([self.watcher.fileno()] if self.watcher is not None else [])
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select(sockets, [], [], left)
+            if self.listener.fileno() in readable and any(True for _ in self.listener.notifies(timeout=0)):
+                return True
+            if self.watcher is not None and self.watcher.fileno() in readable:
+                self.watcher.pgconn.consume_input()
+                if not self.watcher.pgconn.is_busy():
+                    return True  # the holder's lock was granted to us: it let go or died
+        return False
+
+    def close(self) -> None:
+        for conn in (self.watcher, self.listener):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
 
 def _schema_statements(s: str) -> list[str]:

@@ -53,7 +53,7 @@ from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, 
 
 __all__ = ["TrackedSession"]
 _WAIT_POLL_SECONDS = 0.5
-_WAKEUP_WAIT_SECONDS = 10.0
+_WAKEUP_WAIT_SECONDS = 1.0
 _WAIT_REPORT_EVERY = 30.0
 
 
@@ -170,6 +170,7 @@ class TrackedSession:
             # Waiting shortens the store's lock timeout to the wait left; the session's own
             # heartbeats and its end get the full timeout again.
             store.lock_timeout = self.settings.lock_timeout
+            store.stop_waiting()
 
     def _prepare_or_wait(self, store: Store, test_dir_hash: str) -> None:
         settings = self.settings
@@ -223,8 +224,8 @@ class TrackedSession:
                 in_place=f"pytest-runs: {waiting}: {settings.machine} {run.status.value} for {held_for(run)}, "
                 f"run {run.id} (hash {run.short_hash})",
             )
-            # A store that wakes its waiters when a machine frees is waited on longer (the
-            # progress line still moves); the files are looked at again every half second.
+            # A store that wakes its waiters when a machine frees is looked at again once a
+            # second, for the progress line; the files every half second.
             poll = _WAKEUP_WAIT_SECONDS if store.backend.wakes_on_change else _WAIT_POLL_SECONDS
             pause = max(0.0, min(poll * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
             try:

@@ -460,6 +460,10 @@ class Store:
         """
         self.backend.wait_for_change(holder, timeout)
 
+    def stop_waiting(self) -> None:
+        """Let go of what :meth:`wait_for_change` kept between calls (the database backend's connections)."""
+        self.backend.stop_waiting()
+
     def liveness_lock(self) -> OwnerLock:
         """A new liveness lock for a session in this store, already held; :class:`StateError` if it cannot be taken."""
         return self.backend.liveness_lock()

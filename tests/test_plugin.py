@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from pytest_runs import PrepareOutcome, Run, Status, Store
 from pytest_runs.hashing import hash_test_dir
 from pytest_runs.model import parse_timestamp
 from pytest_runs.plugin import EXIT_BUSY
+from pytest_runs.store import open_store
 
 PASSING = """
 def test_one():
@@ -28,15 +30,40 @@ def test_two():
 """
 
 
+#: Sessions run against each backend: the JSON files, and PostgreSQL (through PYTEST_RUNS_STORE).
+KINDS = ("files", "postgresql")
+file_only = pytest.mark.kinds("files")
+# The database each test's state dir goes with, for the helpers below.
+_DATABASE_OF: dict[Path, str] = {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("kinds")
+        metafunc.parametrize("store_kind", marker.args if marker else KINDS)
+
+
 @pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_kind: str, request: pytest.FixtureRequest
+) -> Iterator[Path]:
     path = tmp_path / "state"
     monkeypatch.setenv("PYTEST_RUNS_STATE_DIR", str(path))
-    return path
+    if store_kind == "postgresql":
+        _DATABASE_OF[path] = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("PYTEST_RUNS_STORE", _DATABASE_OF[path])
+    yield path
+    _DATABASE_OF.pop(path, None)
+
+
+def store_of(state_dir: Path) -> Store:
+    return open_store(state_dir, _DATABASE_OF.get(state_dir))
 
 
 def runs_in(state_dir: Path) -> list[Run]:
-    return Store(state_dir).list() if (state_dir / "runs.json").exists() else []
+    if state_dir not in _DATABASE_OF and not (state_dir / "runs.json").exists():
+        return []
+    return store_of(state_dir).list()
 
 
 def only_run(state_dir: Path) -> Run:
@@ -47,7 +74,7 @@ def only_run(state_dir: Path) -> Run:
 
 def occupy(state_dir: Path, machine: str = "rig-1", test_dir_hash: str = "f" * 64) -> Run:
     """Put a running run of other tests on the machine, as another session would."""
-    store = Store(state_dir)
+    store = store_of(state_dir)
     run, outcome = store.prepare_atomic(machine, test_dir_hash, lambda: Run(test_dir="/elsewhere"))
     assert outcome is PrepareOutcome.CREATED
     return store.start(run.id)
@@ -341,6 +368,7 @@ def test_state_dir_that_cannot_be_created(pytester: pytest.Pytester, tmp_path: P
     assert "Traceback" not in result.stderr.str()
 
 
+@file_only
 @pytest.mark.parametrize("content", [b"{truncated", b'{"format": "pytest-runs-state", "version": 3, "runs": []}'])
 def test_corrupt_or_newer_state_file(pytester: pytest.Pytester, state_dir: Path, content: bytes) -> None:
     state_dir.mkdir()
@@ -370,7 +398,7 @@ def test_busy_fail(pytester: pytest.Pytester, state_dir: Path) -> None:
 
 
 def test_a_reservation_for_other_tests_is_busy(pytester: pytest.Pytester, state_dir: Path) -> None:
-    store = Store(state_dir)
+    store = store_of(state_dir)
     reservation, _ = store.prepare_atomic("rig-1", "e" * 64, lambda: Run(test_dir="/other"))
     pytester.makepyfile(PASSING)
     result = pytester.runpytest("--runs-machine=rig-1")
@@ -425,7 +453,7 @@ def test_busy_wait_proceeds_once_the_machine_is_free(pytester: pytest.Pytester, 
 
     def free_later() -> None:
         time.sleep(2)
-        Store(state_dir).finish(holder.id, Status.COMPLETED, exit_code=0)
+        store_of(state_dir).finish(holder.id, Status.COMPLETED, exit_code=0)
 
     releaser = threading.Thread(target=free_later)
     releaser.start()
@@ -441,7 +469,7 @@ def test_busy_wait_proceeds_once_the_machine_is_free(pytester: pytest.Pytester, 
 def test_reserve_then_claim(pytester: pytest.Pytester, state_dir: Path) -> None:
     pytester.makepyfile(PASSING)
     ignore_pytester_files(pytester)
-    store = Store(state_dir)
+    store = store_of(state_dir)
     reserved, outcome = store.prepare_atomic(
         "rig-1", the_hash(pytester, state_dir), lambda: Run(test_dir=str(pytester.path), batch_id="b1")
     )
