@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Protocol
 
 from .model import Run
+from .queue import Waiter
 
 __all__ = ["Backend", "OwnerLock", "Transaction"]
 
@@ -94,6 +95,15 @@ class Transaction(Protocol):
 
     def newest_first(self) -> Iterator[Run]:
         """Every run, newest ID first (active runs included); lazily, so taking a few is cheap."""
+
+    def waiters(self) -> list[Waiter]:
+        """Every session registered as waiting, in no particular order."""
+
+    def put_waiter(self, waiter: Waiter) -> None:
+        """Register ``waiter``, or replace the one with its token."""
+
+    def remove_waiter(self, token: str) -> None:
+        """Take the waiter with ``token`` out of the line (nothing if it is not in it)."""
 
     def next_fence(self, machine: str) -> int:
         """Count one more active run on ``machine`` and return its fence; never the same number twice."""

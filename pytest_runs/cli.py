@@ -167,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = command("show", "show every field of one run", "pytest-runs show 20261126-180458-123456-a1b2c3")
     show.add_argument("run_id", metavar="ID")
 
-    command("machines", "show each machine: idle or busy, and its last run", "pytest-runs machines")
+    command("machines", "show each machine: idle or busy, who waits for it, its last run", "pytest-runs machines")
+
+    queue = command(
+        "queue", "list the sessions waiting for machines, in the order they will be served", "pytest-runs queue"
+    )
+    queue.add_argument("--machine", metavar="M", help="only those waiting for machine M")
 
     release = command(
         "release",
@@ -337,8 +342,33 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
         last = "-"
         if state.last is not None:
             last = f"{state.last.id} {state.last.status.value} {format_ago(state.last.ended_at, now)}"
-        rows.append([state.machine, machine_state, holder, last])
-    _print_table(["MACHINE", "STATE", "HELD BY", "LAST RUN"], rows, shrinkable={0, 2, 3})
+        rows.append([state.machine, machine_state, holder, str(state.waiting), last])
+    _print_table(["MACHINE", "STATE", "HELD BY", "WAITING", "LAST RUN"], rows, shrinkable={0, 2, 4})
+    return EXIT_OK
+
+
+def _queue(store: Store, args: argparse.Namespace) -> int:
+    waiters = store.queue(args.machine)
+    if args.json:
+        _print_json([{"place": place, **waiter.to_dict()} for place, waiter in enumerate(waiters, 1)])
+        return EXIT_OK
+    if not waiters:
+        print("nobody waits" + (f" for {args.machine}" if args.machine else ""))
+        return EXIT_OK
+    now = datetime.now(UTC)
+    rows = [
+        [
+            str(place),
+            ",".join(waiter.machines),
+            str(waiter.priority),
+            format_ago(waiter.since, now),
+            owner_of(waiter.run),
+            waiter.run.short_hash,
+            waiter.run.owner_ci_url or "-",
+        ]
+        for place, waiter in enumerate(waiters, 1)
+    ]
+    _print_table(["#", "MACHINES", "PRIORITY", "SINCE", "WHO", "HASH", "CI JOB"], rows, shrinkable={1, 4, 6})
     return EXIT_OK
 
 
@@ -348,6 +378,7 @@ def _machine_json(state: MachineState) -> dict[str, Any]:
         "state": "busy" if state.active is not None else "idle",
         "active": state.active.to_dict() if state.active is not None else None,
         "last": state.last.to_dict() if state.last is not None else None,
+        "waiting": state.waiting,
     }
 
 
@@ -420,6 +451,7 @@ _COMMANDS: dict[str, Callable[[Store, argparse.Namespace], int]] = {
     "list": _list,
     "show": _show,
     "machines": _machines,
+    "queue": _queue,
     "release": _release,
     "prune": _prune,
     "reserve": _reserve,

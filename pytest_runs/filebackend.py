@@ -66,6 +66,7 @@ from . import liveness
 from .errors import StateError, StoreLocked
 from .model import Run
 from .owner import boot_id
+from .queue import Waiter
 from .storelock import StoreLock
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileBackend", "lock_holders"]
@@ -129,6 +130,7 @@ class _State:
     fences: dict[str, int] = dataclasses.field(default_factory=dict)
     history: dict[str, _Segment] = dataclasses.field(default_factory=dict)
     active: list[Run] = dataclasses.field(default_factory=list)
+    queue: list[Waiter] = dataclasses.field(default_factory=list)
     #: Ended runs of a format 1 or 2 file, to be moved into history files by the upgrade.
     legacy_ended: list[Run] = dataclasses.field(default_factory=list)
 
@@ -635,6 +637,22 @@ class FileTransaction:
         streams.extend(self._backwards(machine) for machine in self._touched_or_kept())
         return heapq.merge(*streams, key=_by_id, reverse=True)
 
+    # -- the line of waiters ----------------------------------------------------------
+
+    def waiters(self) -> list[Waiter]:
+        return [Waiter.from_dict(waiter.to_dict()) for waiter in self.state.queue]
+
+    def put_waiter(self, waiter: Waiter) -> None:
+        self.remove_waiter(waiter.token)
+        self.state.queue.append(Waiter.from_dict(waiter.to_dict()))
+        self.changed = True
+
+    def remove_waiter(self, token: str) -> None:
+        kept = [waiter for waiter in self.state.queue if waiter.token != token]
+        if len(kept) != len(self.state.queue):
+            self.state.queue = kept
+            self.changed = True
+
     # -- changes ----------------------------------------------------------------------
 
     def next_fence(self, machine: str) -> int:
@@ -836,6 +854,7 @@ def _encode_state(state: _State) -> bytes:
         "latest_id": state.latest_id,
         "fences": state.fences,
         "history": {machine: segment.to_dict() for machine, segment in sorted(state.history.items())},
+        "queue": [waiter.to_dict() for waiter in state.queue],
     }
     # One active run per line: readable and diffable.
     lines = ",\n".join(json.dumps(run.to_dict()) for run in state.active)
@@ -916,6 +935,14 @@ def _decode_body(document: dict[str, Any], path: Path) -> _State:
             state.history[machine] = _decode_segment(entry)
         except (TypeError, ValueError) as error:
             raise StateError(f"state file {path}: history of {machine!r}: {error}") from None
+    queue = document.get("queue", [])
+    if not isinstance(queue, list):
+        raise StateError(f'state file {path} has a bad "queue" (a list of waiters)')
+    for position, entry in enumerate(queue):
+        try:
+            state.queue.append(Waiter.from_dict(entry))
+        except (TypeError, ValueError) as error:
+            raise StateError(f"state file {path}: waiter #{position}: {error}") from None
     return state
 
 

@@ -7,7 +7,8 @@ not import the store, so that a session without ``--runs-machine`` stays cheap.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,17 @@ class Option:
 
 OPTIONS = {
     "machine": Option(
-        "--runs-machine", "runs_machine", "PYTEST_RUNS_MACHINE", "NAME",
-        "track this session as a run on target machine NAME (turns pytest-runs on)",
+        "--runs-machine", "runs_machine", "PYTEST_RUNS_MACHINE", "NAME[,NAME...]",
+        "track this session as a run on target machine NAME (turns pytest-runs on); with several, "
+        "take the first that is free",
+    ),
+    "pool": Option(
+        "--runs-pool", "runs_pool", "PYTEST_RUNS_POOL", "POOL",
+        "take any free machine of POOL, named in the ini key runs_pools (turns pytest-runs on)",
+    ),
+    "priority": Option(
+        "--runs-priority", "runs_priority", "PYTEST_RUNS_PRIORITY", "N",
+        "place in the line of waiting sessions: higher is served first, then first come (default: 0)",
     ),
     "state_dir": Option(
         "--runs-state-dir", "runs_state_dir", STATE_DIR_ENV, "DIR",
@@ -156,7 +166,11 @@ def lookup_for(
 class Settings:
     """A tracked session's settings, checked; ``test_dir`` is resolved by the caller."""
 
+    #: For messages: the machine, the machines (``rig-1,rig-2``) or the pool asked for.
     machine: str
+    #: The machines that may be taken, in order of preference.
+    machines: tuple[str, ...]
+    priority: int
     state_dir: Path
     #: A database URL, or ``None`` for the JSON files in ``state_dir``.
     store_url: str | None
@@ -172,8 +186,11 @@ class Settings:
     plan_entry: str
 
     @classmethod
-    def read(cls, lookup: Lookup, invocation_dir: Path) -> Settings:
-        """Read and check every setting; ``ValueError`` naming the value and where it came from."""
+    def read(cls, lookup: Lookup, invocation_dir: Path, pools: Sequence[str] = ()) -> Settings:
+        """Read and check every setting; ``ValueError`` naming the value and where it came from.
+
+        ``pools``: the lines of the ini key ``runs_pools``, ``NAME: MACHINE MACHINE...``.
+        """
 
         def text(name: str) -> str | None:
             found = lookup(name)
@@ -185,8 +202,7 @@ class Settings:
                 return default
             return parse_seconds(found[0], found[1], allow_zero=allow_zero)
 
-        machine = lookup("machine")
-        assert machine is not None, "tracking is on only with a machine"
+        machine, machines = _machines(lookup, pools)
         on_busy_found = lookup("on_busy") or ("fail", "")
         on_busy = on_busy_found[0].strip().lower()
         if on_busy not in BUSY_POLICIES:
@@ -196,17 +212,24 @@ class Settings:
         assert heartbeat is not None and lease is not None
         if lease <= heartbeat:
             raise ValueError(f"--runs-lease ({lease:g}s) must be longer than --runs-heartbeat ({heartbeat:g}s)")
-        try:
-            machine_name = check_machine_name(machine[0])
-        except ValueError as error:
-            raise ValueError(f"{machine[1]}: {error}") from None
+        priority_found = lookup("priority")
+        priority = 0
+        if priority_found is not None:
+            text_value = priority_found[0].strip()
+            if not re.fullmatch(r"[+-]?[0-9]{1,9}", text_value):
+                raise ValueError(
+                    f"{priority_found[1]} must be a whole number (higher is served first), not {text_value!r}"
+                )
+            priority = int(text_value)
         state_dir = resolve_state_dir(text("state_dir"))
         store_url, store_dir = split_store(text("store"))
         if store_dir is not None:
             state_dir = store_dir
         keep = lookup("keep")
         return cls(
-            machine=machine_name,
+            machine=machine,
+            machines=machines,
+            priority=priority,
             state_dir=(invocation_dir / state_dir).absolute(),
             store_url=store_url,
             on_busy=on_busy,
@@ -220,3 +243,40 @@ class Settings:
             batch=text("batch") or "",
             plan_entry=text("plan_entry") or "",
         )
+
+
+def parse_pools(lines: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The ini key ``runs_pools``: lines of ``NAME: MACHINE MACHINE...``; ``ValueError`` naming a bad line."""
+    pools: dict[str, tuple[str, ...]] = {}
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, colon, members = line.partition(":")
+        name = name.strip()
+        if not colon or not name or not members.split():
+            raise ValueError(f"ini runs_pools: {line.strip()!r} is not 'NAME: MACHINE MACHINE...'")
+        try:
+            pools[name] = tuple(check_machine_name(member) for member in members.replace(",", " ").split())
+        except ValueError as error:
+            raise ValueError(f"ini runs_pools, pool {name}: {error}") from None
+    return pools
+
+
+def _machines(lookup: Lookup, pool_lines: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """What to take: (for messages, the machines in order)."""
+    machine, pool = lookup("machine"), lookup("pool")
+    if machine is not None and pool is not None:
+        raise ValueError(f"give {machine[1]} or {pool[1]}, not both")
+    if pool is not None:
+        pools = parse_pools(pool_lines)
+        if pool[0] not in pools:
+            known = ", ".join(sorted(pools)) or "none"
+            raise ValueError(f"{pool[1]}: no pool {pool[0]!r} in ini runs_pools (pools: {known})")
+        return f"pool {pool[0]}", pools[pool[0]]
+    assert machine is not None, "tracking is on only with a machine or a pool"
+    names = [part.strip() for part in machine[0].split(",")]
+    try:
+        checked = tuple(dict.fromkeys(check_machine_name(name) for name in names))
+    except ValueError as error:
+        raise ValueError(f"{machine[1]}: {error}") from None
+    return ",".join(checked), checked

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidTransition, StateError, StoreLocked, StoreUnreachable
 from .liveness import DEFAULT_LEASE
 from .model import Run, Status
+from .queue import Waiter
 
 if TYPE_CHECKING:
     import psycopg
@@ -192,6 +193,8 @@ class PgBackend:
                 ) from None
             except psycopg.errors.UniqueViolation as error:
                 raise InvalidTransition(f"the database refused a second active run on a machine: {error}") from None
+            except psycopg.DataError as error:
+                raise ValueError(f"store {self.location} cannot hold this value: {error}") from None
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
                 self.close()
                 raise self.unreachable(error) from None
@@ -316,6 +319,7 @@ def _schema_statements(s: str) -> list[str]:
         # The invariant, enforced by the database: at most one active run per machine.
         f"CREATE UNIQUE INDEX runs_one_active_run_per_machine ON {s}.runs (machine) WHERE status IN {_ACTIVE}",
         f"CREATE INDEX runs_ended_by_machine ON {s}.runs (machine, id) WHERE status NOT IN {_ACTIVE}",
+        f"CREATE TABLE {s}.waiters (token text PRIMARY KEY, record json NOT NULL)",
         f"""CREATE TABLE {s}.machines (
             machine text PRIMARY KEY,
             fence bigint NOT NULL DEFAULT 0,
@@ -398,6 +402,8 @@ class PgTransaction:
         return self._runs(f"SELECT record FROM {self.s}.runs WHERE status IN {_ACTIVE} ORDER BY id")
 
     def get(self, run_id: str) -> Run | None:
+        if "\x00" in run_id:
+            return None  # no text in the database holds one
         runs = self._runs(f"SELECT record FROM {self.s}.runs WHERE id = %s", (run_id,))
         return runs[0] if runs else None
 
@@ -442,6 +448,28 @@ class PgTransaction:
             if len(page) < 200:
                 return
             offset_id = page[-1].id
+
+    # -- the line of waiters ----------------------------------------------------------
+
+    def waiters(self) -> list[Waiter]:
+        found = []
+        for (record,) in self._rows(f"SELECT record FROM {self.s}.waiters ORDER BY token"):
+            try:
+                found.append(Waiter.from_dict(json.loads(record) if isinstance(record, str) else record))
+            except (TypeError, ValueError) as error:
+                raise StateError(f"store {self.backend.location}: a waiter: {error}") from None
+        return found
+
+    def put_waiter(self, waiter: Waiter) -> None:
+        self.cursor.execute(
+            f"INSERT INTO {self.s}.waiters (token, record) VALUES (%s, %s) "
+            "ON CONFLICT (token) DO UPDATE SET record = EXCLUDED.record",
+            (waiter.token, json.dumps(waiter.to_dict())),
+        )
+
+    def remove_waiter(self, token: str) -> None:
+        if not self.missing:
+            self.cursor.execute(f"DELETE FROM {self.s}.waiters WHERE token = %s", (token,))
 
     # -- changes ----------------------------------------------------------------------
 

@@ -37,6 +37,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if option.ini:
             parser.addini(option.ini, option.help, default=None)
     parser.addini(
+        "runs_pools",
+        "named pools of machines, one per line: NAME: MACHINE MACHINE... (taken with --runs-pool)",
+        type="linelist",
+        default=[],
+    )
+    parser.addini(
         "runs_hash_ignore",
         "glob patterns (names or relative paths) left out of the test folder's hash",
         type="linelist",
@@ -58,14 +64,14 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[SKIP_KEY] = reason
         return
     lookup = _lookup(config)
-    machine = lookup("machine")
+    machine = lookup("machine") or lookup("pool")
     if machine is None or _uses_no_machine(config) or _inside_a_tracked_session(machine[1]):
         return
     from .identity import derive_test_folder, find_ini_file, locate_ini_file, read_hash_ignore
 
     invocation_dir = config.invocation_params.dir
     try:
-        settings = Settings.read(lookup, invocation_dir)
+        settings = Settings.read(lookup, invocation_dir, config.getini("runs_pools"))
         given = lookup("test_dir")
         if given is not None:
             test_dir = (invocation_dir / Path(given[0]).expanduser()).resolve()
@@ -110,7 +116,8 @@ def _inside_a_tracked_session(machine_source: str) -> bool:
     session to wait for (it would wait on its own parent). A machine given explicitly on
     the inner command line or in its ini file is tracked as usual.
     """
-    return machine_source == OPTIONS["machine"].env and bool(os.environ.get(RUN_ID_ENV))
+    inherited = (OPTIONS["machine"].env, OPTIONS["pool"].env)
+    return machine_source in inherited and bool(os.environ.get(RUN_ID_ENV))
 
 
 def _uses_no_machine(config: pytest.Config) -> bool:

@@ -43,10 +43,12 @@ from .options import (
     EXIT_MACHINE_LOST,
     EXIT_STORE_UNREACHABLE,
     FENCE_ENV,
+    OPTIONS,
     RUN_ID_ENV,
     Settings,
 )
 from .owner import Owner
+from .queue import Waiter
 from .runlog import RunLog, report_entry
 from .stopper import StopKind, Stopper, StopRequest
 from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked, open_store
@@ -70,6 +72,8 @@ class TrackedSession:
         self.session: pytest.Session | None = None
         self.final: Run | None = None
         self.ended_elsewhere: Run | None = None
+        #: Whether this session has stood in the line of waiters (so leaves it when it gives up).
+        self._in_line = False
         #: The end could not be recorded and the liveness lock was gone: the machine was maybe not ours.
         self.unproven = False
         self.skip_reason: str | None = None
@@ -154,7 +158,6 @@ class TrackedSession:
         settings = self.settings
         # Owned from birth: if this process dies before claiming it, the run is stale, not stuck.
         return lambda: Run(
-            machine=settings.machine,
             test_dir=str(self.test_dir),
             test_dir_hash=test_dir_hash,
             batch_id=settings.batch,
@@ -171,11 +174,24 @@ class TrackedSession:
             # heartbeats and its end get the full timeout again.
             store.lock_timeout = self.settings.lock_timeout
             store.stop_waiting()
+            if self._in_line and self.run is None:
+                # Gave up (timeout, Ctrl-C, an error): out of the line at once.
+                with contextlib.suppress(StateError):
+                    store.leave_queue(self.owner.token)
+
+    def _waiter(self, test_dir_hash: str) -> Waiter | None:
+        """This session as it waits in line (with ``wait``), or ``None``."""
+        if self.settings.on_busy != "wait" or not self.owner.token:
+            return None
+        self._in_line = True
+        template = self._mk(test_dir_hash)()
+        return Waiter(list(self.settings.machines), self.settings.priority, datetime.now(UTC), template)
 
     def _prepare_or_wait(self, store: Store, test_dir_hash: str) -> None:
         settings = self.settings
         waiting_since = time.monotonic()
         progress = _WaitProgress(self.config)
+        wait_as = self._waiter(test_dir_hash)
         while True:
             waited = time.monotonic() - waiting_since
             if settings.on_busy == "wait":
@@ -183,7 +199,8 @@ class TrackedSession:
                 store.lock_timeout = max(0.1, min(settings.lock_timeout, settings.wait_timeout - waited))
             try:
                 with self.stopper.deferred():
-                    run, outcome = store.prepare_atomic(settings.machine, test_dir_hash, self._mk(test_dir_hash))
+                    prepared = store.prepare(settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as)
+                    run, outcome = prepared.run, prepared.outcome
             except StoreLocked as locked:
                 waited = time.monotonic() - waiting_since
                 if settings.on_busy != "wait" or waited >= settings.wait_timeout:
@@ -206,7 +223,10 @@ class TrackedSession:
                 return
             holder = describe_holder(run)
             same = " (the same tests)" if outcome is PrepareOutcome.REUSE else ""
-            message = f"pytest-runs: machine {settings.machine} is busy with {holder}{same}"
+            if len(settings.machines) == 1:
+                message = f"pytest-runs: machine {settings.machine} is busy with {holder}{same}"
+            else:
+                message = f"pytest-runs: every machine of {settings.machine} is busy; {run.machine} with {holder}{same}"
             if settings.on_busy == "skip":
                 self.skip_reason = message
                 self.config.stash[SKIP_KEY] = message
@@ -218,10 +238,12 @@ class TrackedSession:
                     message += f"; gave up after waiting {format_duration(waited)}"
                 self._refuse(message)
             waiting = f"waiting {format_duration(waited)} of {format_duration(settings.wait_timeout)}"
+            if prepared.place is not None:
+                waiting = f"{waiting}, {_ordinal(prepared.place)} in line"
             progress.show(
                 line=f"{message}; {waiting}",
                 # On a terminal the changing part comes first, so that a narrow one cuts the rest.
-                in_place=f"pytest-runs: {waiting}: {settings.machine} {run.status.value} for {held_for(run)}, "
+                in_place=f"pytest-runs: {waiting}: {run.machine} {run.status.value} for {held_for(run)}, "
                 f"run {run.id} (hash {run.short_hash})",
             )
             # A store that wakes its waiters when a machine frees is looked at again once a
@@ -285,6 +307,7 @@ class TrackedSession:
         self.config.stash[RUN_KEY] = self.run
         # For the tests and everything they start (xdist workers start after this hook).
         self._set_env(RUN_ID_ENV, self.run.id)
+        self._set_env(OPTIONS["machine"].env or "PYTEST_RUNS_MACHINE", self.run.machine)
         self._set_env(FENCE_ENV, str(self.run.fence) if self.run.fence is not None else None)
         self._threads.enter_context(Heartbeat(self.settings.heartbeat, self._beat))
         if self.settings.timeout is not None:
@@ -331,9 +354,10 @@ class TrackedSession:
         return False
 
     def _lose_machine(self, reason: str) -> None:
-        if self.stopper.stop(StopKind.LOST, f"lost machine {self.settings.machine}: {reason}", EXIT_MACHINE_LOST):
+        machine = self.run.machine if self.run is not None else self.settings.machine
+        if self.stopper.stop(StopKind.LOST, f"lost machine {machine}: {reason}", EXIT_MACHINE_LOST):
             self._say(
-                f"pytest-runs: ERROR: this session lost machine {self.settings.machine}: {reason}; "
+                f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; "
                 f"stopping, exit status {EXIT_MACHINE_LOST}"
             )
 
@@ -476,7 +500,7 @@ class TrackedSession:
             # Neither the end on record nor the liveness lock: nothing proves the machine stayed ours.
             self.unproven = True
             self._say(
-                f"pytest-runs: ERROR: run {self.run.id} cannot prove it held machine {self.settings.machine} "
+                f"pytest-runs: ERROR: run {self.run.id} cannot prove it held machine {self.run.machine} "
                 f"to the end (its liveness lock is gone and its end could not be recorded); exit status "
                 f"{EXIT_MACHINE_LOST}"
             )
@@ -710,3 +734,9 @@ class _WaitProgress:
         if self.shown:
             self.writer.line()
             self.shown = False
+
+
+def _ordinal(number: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``..."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"

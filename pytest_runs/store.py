@@ -25,7 +25,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +44,7 @@ from .filebackend import (
 from .hashing import HashCache
 from .model import PrepareOutcome, Run, Status, run_created_at
 from .owner import Owner, describe_owner
+from .queue import Waiter, place_in_line, serve_order
 from .settings import DEFAULT_LOCK_TIMEOUT
 
 # An alias, because inside Store the name ``list`` is the method.
@@ -78,6 +79,19 @@ class MachineState:
     active: Run | None
     #: The run that ended most recently, or ``None``.
     last: Run | None
+    #: How many live sessions wait in line for it (alone or as one of a pool).
+    waiting: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What :meth:`Store.prepare` found or did."""
+
+    outcome: PrepareOutcome
+    #: ``CREATED``/``REUSE``: the run. ``BUSY``: the run on the first machine asked for.
+    run: Run
+    #: With ``wait_as``, while busy: 1 + the waiters served first that want one of its machines.
+    place: int | None = None
 
 
 def _utcnow() -> datetime:
@@ -227,7 +241,7 @@ class Store:
             _check_transition(stored, run)
             tx.replace(run)
             if run.status.is_terminal and not stored.status.is_terminal:
-                self._retain(tx, run.machine)
+                self._ended(tx, run.machine)
 
     def active_by_machine(self, name: str) -> Run | None:
         """The earliest-inserted pending or running run on machine ``name``, or ``None``."""
@@ -250,26 +264,88 @@ class Store:
         First, in the same critical section, the machine's stale runs (whose owner is
         gone, see :func:`~pytest_runs.liveness.stale_reason`) end as ``interrupted`` with
         ``error_code`` ``owner_lost``, so a killed session never blocks its machine.
+        Sessions waiting in line come first: a free machine someone waits for is handed to
+        them, and is then ``BUSY`` with their pending run (see :meth:`prepare`).
         """
-        _require_name(machine, "machine")
+        prepared = self.prepare([machine], test_dir_hash, mk)
+        return prepared.run, prepared.outcome
+
+    def prepare(
+        self,
+        machines: Sequence[str],
+        test_dir_hash: str,
+        mk: Callable[[], Run],
+        *,
+        wait_as: Waiter | None = None,
+    ) -> Prepared:
+        """Take one of ``machines`` (the first free one), reuse a run of these tests on one, or find them busy.
+
+        In one critical section: stale runs of ``machines`` are reclaimed, dead waiters
+        leave the line, and each free machine that a live waiter wants is handed to the
+        first of them (a pending run in its name). Then a pending or running run of
+        ``test_dir_hash`` on any of them is returned with ``REUSE`` (a reservation, or the
+        machine handed to this waiter); else the first free machine gets a new run from
+        ``mk()``, with ``CREATED``; else ``BUSY``, with the run on the first machine. With
+        ``wait_as``, a caller that is not served is put in line (or keeps its place, its
+        heartbeat refreshed), and learns its place.
+        """
+        names = list(dict.fromkeys(machines))
+        if not names:
+            raise ValueError("prepare needs at least one machine")
+        for name in names:
+            _require_name(name, "machine")
         _require_name(test_dir_hash, "test dir hash")
         with self._transaction() as tx:
-            self._reclaim_stale(tx, machine)
-            active = _active(tx.active(), machine)
-            if active is not None:
-                outcome = PrepareOutcome.REUSE if active.test_dir_hash == test_dir_hash else PrepareOutcome.BUSY
-                return active, outcome
-            run = mk()
-            if not isinstance(run, Run):
-                raise TypeError(f"mk() must return a Run, not {type(run).__name__}")
-            for field, wanted in (("machine", machine), ("test_dir_hash", test_dir_hash)):
-                if getattr(run, field) not in ("", wanted):
-                    raise ValueError(f"mk() returned a run with {field}={getattr(run, field)!r}, not {wanted!r}")
-                setattr(run, field, wanted)
-            if run.status.is_terminal:
-                raise ValueError(f"mk() must return a pending or running run, not {run.status.value}")
-            self._add(tx, run, tx.latest_id())
-            return dataclasses.replace(run), PrepareOutcome.CREATED
+            now = tx.now()
+            for name in names:
+                self._reclaim_stale(tx, name)
+            busy = {run.machine for run in tx.active()}
+            for name in names:
+                if name not in busy:
+                    self._hand_over(tx, name)
+            line = self._live_waiters(tx)
+            active = {run.machine: run for run in tx.active() if run.machine in names}
+            token = wait_as.token if wait_as is not None else None
+            for name in names:
+                run = active.get(name)
+                if run is not None and run.test_dir_hash == test_dir_hash:
+                    if token:
+                        tx.remove_waiter(token)
+                    return Prepared(PrepareOutcome.REUSE, run)
+            order = serve_order(line)
+            mine = next((index for index, waiter in enumerate(order) if waiter.token == token), None)
+            for name in names:
+                if name not in active:  # free, and no live waiter wants it
+                    run = _made(mk, name, test_dir_hash)
+                    self._add(tx, run, tx.latest_id())
+                    if token:
+                        tx.remove_waiter(token)
+                    return Prepared(PrepareOutcome.CREATED, dataclasses.replace(run))
+            holder = active[names[0]]
+            if wait_as is None:
+                return Prepared(PrepareOutcome.BUSY, holder)
+            kept = order[mine].since if mine is not None else now
+            entry = Waiter(names, wait_as.priority, kept, dataclasses.replace(wait_as.run, heartbeat_at=now))
+            tx.put_waiter(entry)
+            others = [waiter for waiter in line if waiter.token != token]
+            return Prepared(PrepareOutcome.BUSY, holder, place_in_line([*others, entry], entry.token))
+
+    def leave_queue(self, token: str) -> None:
+        """A waiter gives up: out of the line at once, and a machine just handed to it goes to the next."""
+        with self._transaction() as tx:
+            tx.remove_waiter(token)
+            for run in tx.active():
+                if run.owner_token == token and run.status is Status.PENDING:
+                    _apply(run, status=Status.INTERRUPTED, error_code="gave_up", ended_at=tx.now(),
+                           error_msg="handed a machine, its waiter gave up before claiming it")  # fmt: skip
+                    tx.replace(run)
+                    self._ended(tx, run.machine)
+
+    def queue(self, machine: str | None = None) -> builtins.list[Waiter]:
+        """The live waiters (for ``machine``, or all), in the order they will be served."""
+        with self._transaction(write=False) as tx:
+            line = [waiter for waiter in tx.waiters() if tx.stale_reason(waiter.as_owner()) is None]
+        return [waiter for waiter in serve_order(line) if machine is None or waiter.wants(machine)]
 
     # -- lifecycle rules shared by the plugin and the command line --------------------
 
@@ -374,9 +450,16 @@ class Store:
         """One entry per machine with a run kept, sorted by name. Reads one ended run per machine."""
         with self._transaction(write=False) as tx:
             active = tx.active()
+            line = [waiter for waiter in tx.waiters() if tx.stale_reason(waiter.as_owner()) is None]
+            names = sorted(set(tx.machines()).union(*(waiter.machines for waiter in line)))
             return [
-                MachineState(machine=name, active=_active(active, name), last=tx.last_ended(name))
-                for name in tx.machines()
+                MachineState(
+                    machine=name,
+                    active=_active(active, name),
+                    last=tx.last_ended(name),
+                    waiting=sum(1 for waiter in line if waiter.wants(name)),
+                )
+                for name in names
             ]
 
     def prune(
@@ -495,8 +578,34 @@ class Store:
             change(run, tx.now())
             tx.replace(run)
             if run.status.is_terminal and not was_terminal:
-                self._retain(tx, run.machine)
+                self._ended(tx, run.machine)
             return run
+
+    def _ended(self, tx: Transaction, machine: str) -> None:
+        """A run of ``machine`` ended: retention, then the machine goes to the first live waiter for it."""
+        self._retain(tx, machine)
+        self._hand_over(tx, machine)
+
+    def _hand_over(self, tx: Transaction, machine: str) -> None:
+        """If ``machine`` is free and a live waiter wants it, start a pending run in the first one's name."""
+        if any(run.machine == machine for run in tx.active()):
+            return
+        for waiter in serve_order(self._live_waiters(tx)):
+            if waiter.wants(machine):
+                run = dataclasses.replace(waiter.run, machine=machine, status=Status.PENDING)
+                self._add(tx, run, tx.latest_id())
+                tx.remove_waiter(waiter.token)
+                return
+
+    def _live_waiters(self, tx: Transaction) -> builtins.list[Waiter]:
+        """The waiters whose session is alive; the others leave the line now."""
+        live = []
+        for waiter in tx.waiters():
+            if tx.stale_reason(waiter.as_owner()) is None:
+                live.append(waiter)
+            else:
+                tx.remove_waiter(waiter.token)
+        return live
 
     def _retain(self, tx: Transaction, machine: str) -> None:
         """Retention: delete the oldest ended runs of ``machine`` beyond ``keep``."""
@@ -524,8 +633,8 @@ class Store:
                 ended_at=now,
             )
             tx.replace(run)
-            self._retain(tx, machine)
             tx.forget_owner(run)
+            self._ended(tx, machine)
 
     def _remove_files(self, runs: Iterable[Run]) -> None:
         for run in runs:
@@ -537,6 +646,19 @@ class Store:
                 return  # a symlinked runs folder leads outside the store: delete nothing through it
             # rmtree refuses a symlinked root and never follows symlinks inside it.
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _made(mk: Callable[[], Run], machine: str, test_dir_hash: str) -> Run:
+    run = mk()
+    if not isinstance(run, Run):
+        raise TypeError(f"mk() must return a Run, not {type(run).__name__}")
+    for field, wanted in (("machine", machine), ("test_dir_hash", test_dir_hash)):
+        if getattr(run, field) not in ("", wanted):
+            raise ValueError(f"mk() returned a run with {field}={getattr(run, field)!r}, not {wanted!r}")
+        setattr(run, field, wanted)
+    if run.status.is_terminal:
+        raise ValueError(f"mk() must return a pending or running run, not {run.status.value}")
+    return run
 
 
 def _found(run: Run | None, run_id: str) -> Run:

@@ -189,13 +189,13 @@ def test_machines(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "machines")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["MACHINE", "STATE", "HELD", "BY", "LAST", "RUN"]
+    assert lines[0].split() == ["MACHINE", "STATE", "HELD", "BY", "WAITING", "LAST", "RUN"]
     assert lines[1].startswith("rig-1") and "busy" in lines[1] and holder.id in lines[1] and last.id in lines[1]
     assert lines[2].startswith("rig-2") and "idle" in lines[2] and idle_last.id in lines[2]
     data = json_out(capsys, "machines")
     assert data == [
-        {"machine": "rig-1", "state": "busy", "active": holder.to_dict(), "last": last.to_dict()},
-        {"machine": "rig-2", "state": "idle", "active": None, "last": idle_last.to_dict()},
+        {"machine": "rig-1", "state": "busy", "active": holder.to_dict(), "last": last.to_dict(), "waiting": 0},
+        {"machine": "rig-2", "state": "idle", "active": None, "last": idle_last.to_dict(), "waiting": 0},
     ]
 
 

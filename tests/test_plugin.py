@@ -431,7 +431,9 @@ def test_busy_wait_gives_up_as_fail(pytester: pytest.Pytester, state_dir: Path) 
     pytester.makepyfile(PASSING)
     result = pytester.runpytest("--runs-machine=rig-1", "--runs-on-busy=wait", "--runs-wait-timeout=1")
     assert result.ret == EXIT_BUSY
-    result.stdout.fnmatch_lines([f"pytest-runs: machine rig-1 is busy with run {holder.id} *; waiting 0s of 1s"])
+    result.stdout.fnmatch_lines(
+        [f"pytest-runs: machine rig-1 is busy with run {holder.id} *; waiting 0s of 1s, 1st in line"]
+    )
     result.stderr.fnmatch_lines(["Exit: *busy with run*; gave up after waiting *s"])
     assert runs_in(state_dir) == [holder]
 
