@@ -246,8 +246,8 @@ class TrackedSession:
                 in_place=f"pytest-runs: {waiting}: {run.machine} {run.status.value} for {held_for(run)}, "
                 f"run {run.id} (hash {run.short_hash})",
             )
-            # A store that wakes its waiters when a machine frees is looked at again once a
-            # second, for the progress line; the files every half second.
+            # A store that wakes its waiters when it changes is looked at again at least once a
+            # second, for the progress line; one that cannot, every half second.
             poll = _WAKEUP_WAIT_SECONDS if store.backend.wakes_on_change else _WAIT_POLL_SECONDS
             pause = max(0.0, min(poll * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
             try:

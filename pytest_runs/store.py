@@ -42,6 +42,7 @@ from .filebackend import (
     open_regular_file,
 )
 from .hashing import HashCache
+from .liveness import DEFAULT_LEASE
 from .model import PrepareOutcome, Run, Status, run_created_at
 from .owner import Owner, describe_owner
 from .queue import Waiter, place_in_line, serve_order
@@ -324,9 +325,15 @@ class Store:
             holder = active[names[0]]
             if wait_as is None:
                 return Prepared(PrepareOutcome.BUSY, holder)
-            kept = order[mine].since if mine is not None else now
-            entry = Waiter(names, wait_as.priority, kept, dataclasses.replace(wait_as.run, heartbeat_at=now))
-            tx.put_waiter(entry)
+            known = order[mine] if mine is not None else None
+            entry = known
+            if known is None or known.machines != names or known.priority != wait_as.priority or _beat_due(known, now):
+                # Written only when something changed, or to refresh its heartbeat now and then:
+                # every write wakes the other waiters, who look again.
+                since = known.since if known is not None else now
+                entry = Waiter(names, wait_as.priority, since, dataclasses.replace(wait_as.run, heartbeat_at=now))
+                tx.put_waiter(entry)
+            assert entry is not None
             others = [waiter for waiter in line if waiter.token != token]
             return Prepared(PrepareOutcome.BUSY, holder, place_in_line([*others, entry], entry.token))
 
@@ -646,6 +653,13 @@ class Store:
                 return  # a symlinked runs folder leads outside the store: delete nothing through it
             # rmtree refuses a symlinked root and never follows symlinks inside it.
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _beat_due(waiter: Waiter, now: datetime) -> bool:
+    """Whether a waiter's heartbeat is old enough to refresh: a quarter of its lease, at most 30 s."""
+    beat = waiter.run.heartbeat_at
+    lease = waiter.run.owner_lease or DEFAULT_LEASE
+    return beat is None or now - beat > timedelta(seconds=min(30.0, lease / 4))
 
 
 def _made(mk: Callable[[], Run], machine: str, test_dir_hash: str) -> Run:

@@ -1,0 +1,312 @@
+"""The line of waiting sessions and pools of machines, on both backends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from _sessions import HOLD, Session, make_project, start, wait_for
+
+from pytest_runs import PrepareOutcome, Run, Status, Store
+from pytest_runs.backend import OwnerLock
+from pytest_runs.owner import boot_id
+from pytest_runs.queue import Waiter
+from pytest_runs.store import open_store
+
+KINDS = ("files", "postgresql")
+
+
+@pytest.fixture(params=KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    return str(request.getfixturevalue("pg_url")) if store_kind == "postgresql" else None
+
+
+@pytest.fixture
+def store(tmp_path: Path, url: str | None) -> Store:
+    return open_store(tmp_path / "state", url)
+
+
+@pytest.fixture
+def locks(store: Store) -> Iterator[list[OwnerLock]]:
+    held: list[OwnerLock] = []
+    yield held
+    for lock in held:
+        lock.release()
+
+
+def waiter(store: Store, locks: list[OwnerLock], name: str, *machines: str, priority: int = 0) -> Waiter:
+    """A live waiting session: its own liveness lock, its own tests."""
+    lock = store.liveness_lock()
+    locks.append(lock)
+    run = Run(test_dir=f"/{name}", test_dir_hash=f"h-{name}", owner_token=lock.token, owner_boot_id=boot_id(),
+              owner_host=name, heartbeat_at=datetime.now(UTC))  # fmt: skip
+    return Waiter(list(machines or ("rig-1",)), priority, datetime.now(UTC), run)
+
+
+def look(store: Store, who: Waiter) -> tuple[PrepareOutcome, Run, int | None]:
+    def mk() -> Run:
+        return Run(owner_token=who.token, owner_boot_id=who.run.owner_boot_id, owner_host=who.run.owner_host)
+
+    prepared = store.prepare(who.machines, who.run.test_dir_hash, mk, wait_as=who)
+    return prepared.outcome, prepared.run, prepared.place
+
+
+def serve(store: Store, who: Waiter) -> Run:
+    """``who`` looks, finds the machine handed to it, claims and ends its run."""
+    outcome, run, _ = look(store, who)
+    assert outcome is PrepareOutcome.REUSE and run.owner_token == who.token, (outcome, run)
+    store.start(run.id)
+    return store.finish(run.id, Status.COMPLETED, exit_code=0)
+
+
+def occupy(store: Store) -> Run:
+    run, outcome = store.prepare_atomic("rig-1", "h-holder", Run)
+    assert outcome is PrepareOutcome.CREATED
+    return store.start(run.id)
+
+
+# -- the store's rules ------------------------------------------------------------------
+
+
+def test_waiters_are_served_in_order_of_arrival(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    line = [waiter(store, locks, f"w{i}") for i in range(1, 5)]
+    for place, who in enumerate(line, 1):
+        assert look(store, who)[::2] == (PrepareOutcome.BUSY, place)
+    assert [w.token for w in store.queue()] == [w.token for w in line]
+    assert store.machines()[0].waiting == 4
+    store.finish(holder.id, Status.COMPLETED)
+    served = [serve(store, who).owner_host for who in line]
+    assert served == ["w1", "w2", "w3", "w4"]
+    assert store.queue() == []
+
+
+def test_priority_goes_first_then_arrival(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    early, late = waiter(store, locks, "early"), waiter(store, locks, "late")
+    urgent = waiter(store, locks, "urgent", priority=5)
+    for who in (early, late, urgent):
+        look(store, who)
+    assert [w.run.owner_host for w in store.queue()] == ["urgent", "early", "late"]
+    assert look(store, early)[2] == 2, "second in line behind the urgent one"
+    store.finish(holder.id, Status.COMPLETED)
+    assert [serve(store, who).owner_host for who in (urgent, early, late)] == ["urgent", "early", "late"]
+
+
+def test_a_dead_waiter_leaves_the_line_and_blocks_nobody(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    first, dead, last = (waiter(store, locks, name) for name in ("first", "dead", "last"))
+    for who in (first, dead, last):
+        look(store, who)
+    locks[1].drop()  # its process died: its liveness lock is gone
+    assert [w.run.owner_host for w in store.queue()] == ["first", "last"]
+    store.finish(holder.id, Status.COMPLETED)
+    assert serve(store, first).owner_host == "first"
+    assert serve(store, last).owner_host == "last"
+
+
+def test_a_machine_handed_to_a_waiter_that_died_goes_to_the_next(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    first, second = waiter(store, locks, "first"), waiter(store, locks, "second")
+    look(store, first)
+    look(store, second)
+    store.finish(holder.id, Status.COMPLETED)  # handed to first, who dies before claiming it
+    locks[0].drop()
+    assert serve(store, second).owner_host == "second"
+    handed = [r for r in store.list() if r.owner_host == "first"]
+    assert [(r.status, r.error_code) for r in handed] == [(Status.INTERRUPTED, "owner_lost")]
+
+
+def test_a_waiter_that_gives_up_leaves_at_once(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    first, second = waiter(store, locks, "first"), waiter(store, locks, "second")
+    look(store, first)
+    look(store, second)
+    store.leave_queue(first.token)
+    assert [w.token for w in store.queue()] == [second.token]
+    store.finish(holder.id, Status.COMPLETED)
+    assert serve(store, second).owner_host == "second"
+    # Handed a machine just as it gave up: the machine goes on to the next.
+    third = waiter(store, locks, "third")
+    fourth = waiter(store, locks, "fourth")
+    blocker = occupy(store)
+    look(store, third)
+    look(store, fourth)
+    store.finish(blocker.id, Status.COMPLETED)
+    store.leave_queue(third.token)
+    assert serve(store, fourth).owner_host == "fourth"
+
+
+def test_an_arrival_never_jumps_the_line(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    first = waiter(store, locks, "first")
+    look(store, first)
+    store.finish(holder.id, Status.COMPLETED)
+    run, outcome = store.prepare_atomic("rig-1", "h-newcomer", Run)
+    assert outcome is PrepareOutcome.BUSY and run.owner_token == first.token, "the free machine was handed on"
+
+
+def test_a_pool_waiter_takes_whichever_frees_first(store: Store, locks: list[OwnerLock]) -> None:
+    on_a, _ = store.prepare_atomic("rig-a", "h-a", Run)
+    on_b, _ = store.prepare_atomic("rig-b", "h-b", Run)
+    pooled = waiter(store, locks, "pooled", "rig-a", "rig-b")
+    single = waiter(store, locks, "single", "rig-b")
+    assert look(store, pooled)[::2] == (PrepareOutcome.BUSY, 1)
+    assert look(store, single)[::2] == (PrepareOutcome.BUSY, 2)
+    assert {m.machine: m.waiting for m in store.machines()} == {"rig-a": 1, "rig-b": 2}
+    store.finish(on_b.id, Status.COMPLETED)
+    outcome, handed, _ = look(store, pooled)
+    assert (outcome, handed.machine) == (PrepareOutcome.REUSE, "rig-b"), "rig-b went to the pool waiter first"
+    store.start(handed.id)
+    assert look(store, single)[::2] == (PrepareOutcome.BUSY, 1)
+    store.finish(on_a.id, Status.COMPLETED)
+    assert store.active_by_machine("rig-a") is None, "nobody left in line wants rig-a"
+    store.finish(handed.id, Status.COMPLETED)
+    assert serve(store, single).machine == "rig-b"
+
+
+def test_a_reservation_on_any_pool_member_is_claimed_first(store: Store) -> None:
+    store.prepare_atomic("rig-b", "h-mine", Run)  # reserved for these tests
+    prepared = store.prepare(["rig-a", "rig-b"], "h-mine", Run)
+    assert (prepared.outcome, prepared.run.machine) == (PrepareOutcome.REUSE, "rig-b")
+    prepared = store.prepare(["rig-a", "rig-b"], "h-other", Run)
+    assert (prepared.outcome, prepared.run.machine) == (PrepareOutcome.CREATED, "rig-a")
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+RECORD = """
+import json, os, time
+
+def test_record():
+    started = time.time()
+    time.sleep(0.2)
+    with open(os.environ["SPANS"], "a") as spans:
+        spans.write(json.dumps([os.environ["NAME"], os.environ["PYTEST_RUNS_MACHINE"], started, time.time()]) + "\\n")
+"""
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[Session]]:
+    started: list[Session] = []
+    yield started
+    for session in started:
+        session.kill_group()
+
+
+def in_line(store: Store, count: int, session: Session) -> None:
+    deadline = time.monotonic() + 60
+    while len(store.queue()) < count:
+        assert session.process.poll() is None, session.output()
+        assert time.monotonic() < deadline, f"never {count} in line: {store.queue()}"
+        time.sleep(0.05)
+
+
+def spans_of(path: Path) -> list[tuple[str, str, float, float]]:
+    return sorted(
+        (tuple(json.loads(line)) for line in path.read_text().splitlines()),
+        key=lambda span: span[2],
+    )
+
+
+def waiting_session(
+    name: str, tmp_path: Path, url: str | None, spans: Path, *args: str, machine: str = "rig-1"
+) -> Session:
+    project = make_project(tmp_path / name, RECORD)
+    store_args = [f"--runs-store={url}"] if url else []
+    return start(name, project, tmp_path / "state", *store_args, "--runs-on-busy=wait", "--runs-wait-timeout=120",
+                 *args, env={"SPANS": str(spans), "NAME": name}, machine=machine, released=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sessions_are_served_in_the_order_they_came(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session], trial: int
+) -> None:
+    store_args = [f"--runs-store={url}"] if url else []
+    holder = start("holder", make_project(tmp_path / "holder", HOLD), tmp_path / "state", *store_args)
+    sessions.append(holder)
+    wait_for(holder.started, holder)
+    spans = tmp_path / "spans.jsonl"
+    names = ["w1", "w2", "w3", "w4"]
+    for count, name in enumerate(names, 1):
+        sessions.append(waiting_session(name, tmp_path, url, spans))
+        in_line(store, count, sessions[-1])
+    holder.release.write_text("go")
+    for session in sessions:
+        code, output = session.finish()
+        assert code == 0, output
+    assert [span[0] for span in spans_of(spans)] == names
+
+
+def test_priority_jumps_the_line_and_a_killed_waiter_blocks_nobody(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
+) -> None:
+    store_args = [f"--runs-store={url}"] if url else []
+    holder = start("holder", make_project(tmp_path / "holder", HOLD), tmp_path / "state", *store_args)
+    sessions.append(holder)
+    wait_for(holder.started, holder)
+    spans = tmp_path / "spans.jsonl"
+    plan: list[tuple[str, tuple[str, ...]]] = [("a", ()), ("doomed", ()), ("b", ()), ("urgent", ("--runs-priority=5",))]
+    for count, (name, args) in enumerate(plan, 1):
+        sessions.append(waiting_session(name, tmp_path, url, spans, *args))
+        in_line(store, count, sessions[-1])
+    doomed = sessions[2]
+    doomed.signal_group(signal.SIGKILL)
+    doomed.process.wait(timeout=30)
+    holder.release.write_text("go")
+    for session in sessions:
+        if session is not doomed:
+            code, output = session.finish()
+            assert code == 0, output
+    assert [span[0] for span in spans_of(spans)] == ["urgent", "a", "b"]
+
+
+def test_a_pool_of_three_rigs_serves_nine_sessions(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
+) -> None:
+    spans = tmp_path / "spans.jsonl"
+    for index in range(9):
+        sessions.append(waiting_session(f"s{index}", tmp_path, url, spans, machine="rig-1,rig-2,rig-3"))
+    for session in sessions:
+        code, output = session.finish(timeout=240)
+        assert code == 0, output
+    by_rig: dict[str, list[tuple[float, float]]] = {}
+    for _, rig, begun, ended in spans_of(spans):
+        by_rig.setdefault(rig, []).append((begun, ended))
+    assert sorted(by_rig) == ["rig-1", "rig-2", "rig-3"], "each rig used"
+    assert sum(len(spans) for spans in by_rig.values()) == 9
+    for rig, intervals in by_rig.items():
+        ordered = sorted(intervals)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(ordered)), f"two sessions on {rig}"
+    assert {run.machine for run in store.list()} == {"rig-1", "rig-2", "rig-3"}
+
+
+def test_the_command_shows_the_line(
+    tmp_path: Path, url: str | None, store: Store, locks: list[OwnerLock], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_runs.cli import main
+
+    occupy(store)
+    for name in ("first", "second"):
+        look(store, waiter(store, locks, name))
+    argv = ["--state-dir", str(tmp_path / "state"), *(["--store", url] if url else [])]
+    assert main([*argv, "queue", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(entry["place"], entry["run"]["owner_host"]) for entry in data] == [(1, "first"), (2, "second")]
+    assert main([*argv, "queue"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["#", "MACHINES", "PRIORITY"] and "first" in lines[1] and "second" in lines[2]
+    assert main([*argv, "machines"]) == 0
+    assert " 2 " in capsys.readouterr().out
