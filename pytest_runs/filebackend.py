@@ -88,6 +88,7 @@ _log = logging.getLogger("pytest_runs")
 _REQUIRED_KEYS = ("id", "machine", "status")
 _HISTORY_FILE = re.compile(r"^[A-Za-z0-9._-]{1,120}\.jsonl$")
 _READ_CHUNK = 1 << 18
+_FIRST_CHUNK = 1 << 13
 _CHANGE_POLL_SECONDS = 0.05
 _SEGMENT_KEYS = {"file", "head", "size", "count", "last"}
 _MARKER = {
@@ -349,8 +350,10 @@ class FileBackend:
         path = self.history_dir / segment.file
         end = segment.size
         carry = b""  # the start of a line cut by the previous chunk's start, with its newline
+        chunk = _FIRST_CHUNK  # small at first: the newest few runs are what most readers want
         while end > segment.head:
-            start = max(segment.head, end - _READ_CHUNK)
+            start = max(segment.head, end - chunk)
+            chunk = min(chunk * 4, _READ_CHUNK)
             block = self.read_region(segment, start, end) + carry
             skip = 0
             if start > segment.head:

@@ -120,6 +120,7 @@ def test_recent_reads_newest_first_across_machines(tmp_path: Path) -> None:
 
 def test_long_lines_are_read_backwards_and_forwards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(filebackend, "_READ_CHUNK", 64)  # every line crosses several chunks
+    monkeypatch.setattr(filebackend, "_FIRST_CHUNK", 64)
     store = Store(tmp_path / "state", keep=3)
     runs = [store.create(ended("rig-1", i, error_msg="x" * (i * 37))) for i in range(8)]
     assert store.recent() == list(reversed(runs[-3:]))
