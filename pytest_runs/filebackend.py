@@ -205,7 +205,7 @@ class FileBackend:
             raise RuntimeError(
                 f"Store({str(self.state_dir)!r}) was called again from inside one of its own operations (from mk?)"
             )
-        if not write and not self.state_path.exists() and not self.state_path.is_symlink():
+        if not write and not any(os.path.lexists(path) for path in (self.state_path, *self._slot_paths())):
             yield FileTransaction(self, _State())  # nothing to read, and looking must not create the store
             return
         ensure_state_dir(self.state_dir)
@@ -251,20 +251,31 @@ class FileBackend:
                 )
             return _State()
         document = _load_document(raw, path)
-        if document["version"] < FORMAT_VERSION:
-            return _decode_legacy(document, path)
-        if "runs" in document:
-            raise StateError(f"state file {path} has format version 3 but holds runs; pytest-runs did not write it")
         newest: tuple[int, int, bytes] | None = None
         for slot in (0, 1):
             found = self._read_slot(slot)
             if found is not None and (newest is None or found[0] > newest[0]):
                 newest = (found[0], slot, found[1])
+        if document["version"] < FORMAT_VERSION:
+            # Slots beside an older runs.json are an upgrade cut short (seq 1 in slot 0, no
+            # slot 1: redone from runs.json), or a newer store whose runs.json was replaced
+            # by its backup: redoing the upgrade then would drop every run made since.
+            if newest is not None and (newest[0] > 1 or os.path.lexists(slots[1])):
+                raise StateError(
+                    f"state file {path} has format version {document['version']}, but {self.slot_path(newest[1])} "
+                    f"holds a newer store (commit {newest[0]}); was runs.json restored from a backup? To go back "
+                    f"to it, move {slots[0].name}, {slots[1].name} and {HISTORY_DIR_NAME}/ out of {self.state_dir}"
+                )
+            return _decode_legacy(document, path)
+        if "runs" in document:
+            raise StateError(f"state file {path} has format version 3 but holds runs; pytest-runs did not write it")
         if newest is None:
-            if not any(os.path.lexists(slot) for slot in slots):
-                return _State(marker=True)  # a new store whose first commit never happened
-            names = " and ".join(map(str, slots))
-            raise StateError(f"state file {path} keeps the runs in {names}, but neither holds a complete state")
+            if not os.path.lexists(slots[1]):
+                # Slot 0 missing, empty or cut short, and no slot 1: the store's first commit
+                # never completed (killed, power cut, disk full). It is an empty store.
+                return _State(marker=True)
+            present = " and ".join(str(slot) for slot in slots if os.path.lexists(slot))
+            raise StateError(f"state file {path} keeps the runs in {present}, but none holds a complete state")
         seq, slot, body = newest
         state = _decode_body(_load_document(body, self.slot_path(slot)), self.slot_path(slot))
         state.marker, state.slot, state.seq = True, slot, seq
@@ -278,6 +289,9 @@ class FileBackend:
 
     def slot_path(self, slot: int) -> Path:
         return self.state_dir / f"{SLOT_FILE_NAME}.{slot}"
+
+    def _slot_paths(self) -> tuple[Path, Path]:
+        return self.slot_path(0), self.slot_path(1)
 
     def _read_slot(self, slot: int) -> tuple[int, bytes] | None:
         """A slot's sequence number and state, or ``None`` if it is missing or its write never completed."""
@@ -313,12 +327,12 @@ class FileBackend:
             fd = open_regular_file(path, os.O_RDONLY, "history file")
         except FileNotFoundError:
             raise StateError(
-                f"history file {path} is missing; {self.state_path} records {segment.count} runs in it"
+                f"history file {path} is missing; the store's state records {segment.count} runs in it"
             ) from None
         if os.fstat(fd).st_size < segment.size:
             os.close(fd)
             raise StateError(
-                f"history file {path} is shorter than the {segment.size} bytes {self.state_path} records; "
+                f"history file {path} is shorter than the {segment.size} bytes the store's state records; "
                 "it was cut or replaced"
             )
         return fd
@@ -504,7 +518,7 @@ class FileBackend:
 
     def new_history_file(self, machine: str, chunks: Iterable[bytes]) -> tuple[str, int]:
         """A fresh, flushed history file for ``machine`` holding ``chunks``; its name and size."""
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", machine)[:60]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", machine).lstrip(".")[:60] or "machine"
         digest = hashlib.sha256(machine.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         name = f"{safe}-{digest}-{secrets.token_hex(4)}.jsonl"
         fd = self._open_for_writing(name, exclusive=True)
@@ -1119,7 +1133,8 @@ def open_regular_file(path: Path, flags: int, what: str) -> int:
     ``FileNotFoundError`` passes through; any other failure is a :class:`StateError` naming ``what``.
     """
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # O_NONBLOCK: a FIFO put in a file's place must be refused, not wait for a writer for ever.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except FileNotFoundError:
         raise
     except OSError as error:

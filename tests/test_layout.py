@@ -378,3 +378,75 @@ def test_a_run_that_ends_out_of_id_order_keeps_its_history_file_sorted(tmp_path:
     assert ids == sorted(ids) == [early.id, *(r.id for r in later)]
     assert [r.id for r in store.recent(2)] == [later[2].id, later[1].id]
     assert store.machines()[0].last == later[2]
+
+
+# -- found by an adversarial trial --------------------------------------------------------
+
+
+def test_a_first_commit_cut_short_leaves_an_empty_store_not_a_broken_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "state")
+    real_pwrite = os.pwrite
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("runs.state.0"):
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(StateError, match="No space left on device"):
+        store.prepare_atomic("rig-1", "h", Run)
+    monkeypatch.undo()
+    assert store.state_path.exists() and (store.state_dir / "runs.state.0").stat().st_size == 0
+    assert store.list() == []
+    run, _ = store.prepare_atomic("rig-1", "h", Run)
+    assert store.list() == [run], "the next write works"
+
+
+@pytest.mark.parametrize("machine", [".hidden", "..", "...x"])
+def test_machine_names_starting_with_a_dot(tmp_path: Path, machine: str) -> None:
+    store = Store(tmp_path / "state")
+    runs = [store.create(ended(machine, i)) for i in range(2)]
+    assert store.list() == runs
+    assert store.list() == runs, "the state it wrote reads back"
+    assert all(not name.startswith(".") for name in history_files(store.state_dir))
+
+
+def test_a_restored_backup_beside_a_newer_store_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _, runs = old_store(state, 2)
+    store = Store(state)
+    assert store.list() == runs  # upgraded
+    newer = [store.create(ended("rig-0", 10 + i)) for i in range(3)]
+    backup = (state / "runs.json.v2.bak").read_bytes()
+    (state / "runs.json").unlink()
+    (state / "runs.json").write_bytes(backup)  # an operator puts the "old file" back
+    with pytest.raises(StateError, match=r"was runs.json restored from a backup\? To go back to it, move"):
+        store.prepare_atomic("rig-0", "h", Run)
+    assert (state / "runs.json").read_bytes() == backup, "left as it is"
+    for name in ("runs.state.0", "runs.state.1", "history"):
+        (state / name).rename(tmp_path / name)
+    assert len(Store(state).list()) == len(runs), "back to the backup, as the message says"
+    assert newer
+
+
+def test_reads_refuse_a_store_whose_runs_json_is_missing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    store.prepare_atomic("rig-1", "h", Run)
+    store.state_path.unlink()
+    for read in (store.list, store.machines, lambda: store.active_by_machine("rig-1")):
+        with pytest.raises(StateError, match=r"runs\.json is missing"):
+            read()
+
+
+@pytest.mark.parametrize("where", ["history", "runs.json"])
+def test_a_fifo_in_a_files_place_is_refused_not_waited_on(tmp_path: Path, where: str) -> None:
+    store = Store(tmp_path / "state")
+    store.create(ended("rig-1", 1))
+    path = next((store.state_dir / "history").iterdir()) if where == "history" else store.state_path
+    path.unlink()
+    os.mkfifo(path)
+    script = f"from pytest_runs import Store; Store({str(store.state_dir)!r}).list()"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "is not a regular file" in result.stderr, result.stderr

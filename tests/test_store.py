@@ -468,7 +468,7 @@ def test_a_torn_slot_is_a_write_that_never_happened(store: Store) -> None:
     assert store.list() == kept[:2], "the other slot holds the state committed before"
     for slot in store.state_dir.glob("runs.state.*"):
         slot.write_bytes(slot.read_bytes()[:-3])
-    with pytest.raises(StateError, match="neither holds a complete state"):
+    with pytest.raises(StateError, match="none holds a complete state"):
         store.list()
 
 
