@@ -82,16 +82,16 @@ class Transaction(Protocol):
         """Every machine with a run kept, active or ended, sorted."""
 
     def last_ended(self, machine: str) -> Run | None:
-        """The run of ``machine`` that was stored as ended most recently, or ``None``."""
+        """The newest ended run of ``machine`` (the last in run order: creation, imported IDs first), or ``None``."""
 
     def ended_count(self, machine: str) -> int:
         """How many ended runs of ``machine`` are kept."""
 
     def oldest_ended(self, machine: str, count: int) -> list[Run]:
-        """The ``count`` ended runs of ``machine`` that were stored as ended first."""
+        """The ``count`` oldest ended runs of ``machine``, in run order."""
 
     def ended(self) -> Iterator[Run]:
-        """Every ended run, machine by machine, each in the order they were stored. Walks history."""
+        """Every ended run, machine by machine, each in run order. Walks history."""
 
     def newest_first(self) -> Iterator[Run]:
         """Every run, newest ID first (active runs included); lazily, so taking a few is cheap."""

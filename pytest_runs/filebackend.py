@@ -64,7 +64,7 @@ from typing import Any
 
 from . import liveness
 from .errors import StateError, StoreLocked
-from .model import Run
+from .model import Run, run_created_at, run_order
 from .owner import boot_id
 from .queue import Waiter
 from .storelock import StoreLock
@@ -360,59 +360,68 @@ class FileBackend:
         return None
 
     def lines_backwards(self, segment: _Segment) -> Iterator[Run]:
-        """The committed runs of a history file, last first, read from the end in chunks."""
+        """The committed runs of a history file, last first, read from the end in growing chunks.
+
+        A line longer than a chunk is gathered piece by piece and joined once, so that even a
+        huge record costs time in proportion to its size.
+        """
         path = self.history_dir / segment.file
         end = segment.size
-        carry = b""  # the start of a line cut by the previous chunk's start, with its newline
+        pending: list[bytes] = []  # the unfinished line's pieces after ``end``, rightmost first
         chunk = _FIRST_CHUNK  # small at first: the newest few runs are what most readers want
         while end > segment.head:
             start = max(segment.head, end - chunk)
             chunk = min(chunk * 4, _READ_CHUNK)
-            block = self.read_region(segment, start, end) + carry
-            skip = 0
-            if start > segment.head:
-                skip = block.find(b"\n") + 1
-                if skip == 0:
-                    carry, end = block, start
-                    continue
-            carry = block[:skip]
-            lines: list[tuple[int, bytes]] = []
-            offset = start + skip
-            for line in block[skip:].split(b"\n"):
-                lines.append((offset, line))
-                offset += len(line) + 1
-            for offset, line in reversed(lines):
-                if line:
-                    yield _decode_line(line, path, offset)
+            data = self.read_region(segment, start, end)
             end = start
+            parts = data.split(b"\n")
+            if len(parts) == 1:
+                pending.append(data)
+                continue
+            # The last part and the pieces after it are one whole line.
+            position = start + len(data) - len(parts[-1])
+            line = parts[-1] + b"".join(reversed(pending))
+            if line:
+                yield _decode_line(line, path, position)
+            for part in reversed(parts[1:-1]):
+                position -= len(part) + 1
+                if part:
+                    yield _decode_line(part, path, position)
+            pending = [parts[0]]
+        if line := b"".join(reversed(pending)):
+            yield _decode_line(line, path, segment.head)
 
     def lines_forwards(self, segment: _Segment, limit: int | None = None) -> Iterator[tuple[int, Run]]:
         """``(length with its newline, run)`` of a history file's committed runs, first first."""
         path = self.history_dir / segment.file
-        buffer = b""
-        index = 0  # where the next line starts in buffer
-        base = segment.head  # the file offset of buffer[0]
+        pending: list[bytes] = []  # the unfinished line's pieces, left to right
+        line_start = segment.head
         read_to = segment.head
         taken = 0
         blank = 0  # empty lines before the next run, counted into its length
-        while limit is None or taken < limit:
-            newline = buffer.find(b"\n", index)
-            if newline < 0:
-                if read_to >= segment.size:
-                    if index < len(buffer):
-                        yield blank + len(buffer) - index, _decode_line(buffer[index:], path, base + index)
-                    return
-                end = min(segment.size, read_to + _READ_CHUNK)
-                buffer, base, index = buffer[index:] + self.read_region(segment, read_to, end), base + index, 0
-                read_to = end
+        if limit is not None and limit <= 0:
+            return
+        while read_to < segment.size:
+            end = min(segment.size, read_to + _READ_CHUNK)
+            data = self.read_region(segment, read_to, end)
+            read_to = end
+            parts = data.split(b"\n")
+            if len(parts) == 1:
+                pending.append(data)
                 continue
-            if newline > index:
-                taken += 1
-                yield blank + newline + 1 - index, _decode_line(buffer[index:newline], path, base + index)
-                blank = 0
-            else:
-                blank += 1
-            index = newline + 1
+            for line in (b"".join(pending) + parts[0], *parts[1:-1]):
+                if line:
+                    taken += 1
+                    yield blank + len(line) + 1, _decode_line(line, path, line_start)
+                    blank = 0
+                    if limit is not None and taken >= limit:
+                        return
+                else:
+                    blank += 1
+                line_start += len(line) + 1
+            pending = [parts[-1]]
+        if line := b"".join(pending):
+            yield blank + len(line), _decode_line(line, path, line_start)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -702,7 +711,8 @@ class FileTransaction:
         return fence
 
     def add(self, run: Run) -> None:
-        if self.state.latest_id is None or run.id > self.state.latest_id:
+        # Only IDs this store generated: an imported one must not hold back the creation order.
+        if run_created_at(run.id) is not None and (self.state.latest_id is None or run.id > self.state.latest_id):
             self.state.latest_id = run.id
         if run.status.is_terminal:
             self._append(_copy(run))
@@ -773,7 +783,12 @@ class FileTransaction:
         for machine in set(self._appended) | set(self._rewritten) | set(self._cut):
             segment = history.get(machine)
             appended = self._appended.get(machine, [])
-            if appended and segment is not None and machine not in self._rewritten and appended[0].id <= segment.last:
+            if (
+                appended
+                and segment is not None
+                and machine not in self._rewritten
+                and run_order(appended[0].id) <= run_order(segment.last)
+            ):
                 # Ended out of ID order: rewrite the file in order rather than append.
                 self._rewritten[machine] = self._committed_list(machine)
             if machine in self._rewritten or segment is None:
@@ -949,7 +964,7 @@ def _decode_legacy(document: dict[str, Any], path: Path) -> _State:
     state = _State(version=document["version"], fences=fences)
     state.active = [run for run in runs if not run.status.is_terminal]
     state.legacy_ended = [run for run in runs if run.status.is_terminal]
-    state.latest_id = max((run.id for run in runs), default=None)
+    state.latest_id = max((run.id for run in runs if run_created_at(run.id) is not None), default=None)
     for run in runs:
         if run.fence is not None and run.fence > fences.get(run.machine, 0):
             fences[run.machine] = run.fence
@@ -1010,8 +1025,8 @@ def _copy(run: Run) -> Run:
     return duplicate
 
 
-def _by_id(run: Run) -> str:
-    return run.id
+def _by_id(run: Run) -> tuple[bool, str]:
+    return run_order(run.id)
 
 
 # -- files ------------------------------------------------------------------------------

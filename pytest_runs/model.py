@@ -23,6 +23,7 @@ __all__ = [
     "format_timestamp",
     "parse_timestamp",
     "run_created_at",
+    "run_order",
 ]
 
 
@@ -84,6 +85,11 @@ def run_created_at(run_id: str) -> datetime | None:
         return datetime.strptime("".join(match.groups()), "%Y%m%d%H%M%S%f").replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+def run_order(run_id: str) -> tuple[bool, str]:
+    """The order of runs: IDs this store generated, in creation order, after any others (imported ones)."""
+    return _GENERATED_ID.match(run_id) is not None, run_id
 
 
 # Keys written only when they hold a value, so that the JSON of a plain single run

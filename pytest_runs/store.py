@@ -43,7 +43,7 @@ from .filebackend import (
 )
 from .hashing import HashCache
 from .liveness import DEFAULT_LEASE
-from .model import PrepareOutcome, Run, Status, run_created_at
+from .model import PrepareOutcome, Run, Status, run_created_at, run_order
 from .owner import Owner, describe_owner
 from .queue import Waiter, place_in_line, serve_order
 from .settings import DEFAULT_LOCK_TIMEOUT
@@ -78,7 +78,7 @@ class MachineState:
     machine: str
     #: The earliest-inserted pending or running run, or ``None`` when the machine is idle.
     active: Run | None
-    #: The run that ended most recently, or ``None``.
+    #: The newest run (by creation) that has ended, or ``None``.
     last: Run | None
     #: How many live sessions wait in line for it (alone or as one of a pool).
     waiting: int = 0
@@ -479,7 +479,10 @@ class Store:
     ) -> RunList:
         """Delete terminal runs, and their run folders, by one rule; return the runs removed.
 
-        ``keep=N`` keeps the N newest terminal runs of each machine; ``older_than`` removes
+        ``keep=N`` keeps the N newest terminal runs of each machine (newest by creation, as
+        retention and ``machines`` count: run IDs this store generated, after imported ones);
+        run folders no run names any more (left by a process killed between deleting runs and
+        their folders) go too. ``older_than`` removes
         terminal runs whose ``ended_at`` is older than that. Pending and running runs are
         never touched. With ``dry_run`` nothing is deleted.
         """
@@ -492,8 +495,8 @@ class Store:
             if keep is not None:
                 doomed: RunList = []
                 for name in tx.machines():
-                    ended = sorted(_ended_of(tx, name), key=_end_order, reverse=True)
-                    doomed.extend(ended[keep:])
+                    ended = _ended_of(tx, name)  # oldest first, as retention counts
+                    doomed.extend(ended[: max(0, len(ended) - keep)])
             else:
                 assert cutoff is not None
                 doomed = [r for r in tx.ended() if r.ended_at is not None and r.ended_at < cutoff]
@@ -501,8 +504,11 @@ class Store:
             if not dry_run:
                 if doomed:
                     tx.delete(doomed)
-                # In the same critical section: no run can come to name a lock file meanwhile.
+                # In the same critical section: no run can come to name a lock file or a run
+                # folder meanwhile (a run exists before its folder does).
                 tx.sweep_owners()
+                kept = {run.id for run in itertools.chain(tx.active(), tx.ended())} - {run.id for run in doomed}
+                self._remove_orphaned_run_dirs(kept)
         if not dry_run:
             self._remove_files(doomed)
         return doomed
@@ -643,6 +649,15 @@ class Store:
             tx.forget_owner(run)
             self._ended(tx, machine)
 
+    def _remove_orphaned_run_dirs(self, kept: set[str]) -> None:
+        """Run folders of runs deleted by a process killed before it removed their folders."""
+        folder = self.state_dir / RUNS_DIR_NAME
+        if os.path.islink(folder) or not folder.is_dir():
+            return
+        for entry in os.scandir(folder):
+            if entry.name not in kept and _RUN_ID.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
     def _remove_files(self, runs: Iterable[Run]) -> None:
         for run in runs:
             try:
@@ -692,12 +707,8 @@ def _ended_of(tx: Transaction, machine: str) -> RunList:
     return tx.oldest_ended(machine, tx.ended_count(machine))
 
 
-def _by_id(run: Run) -> str:
-    return run.id
-
-
-def _end_order(run: Run) -> tuple[datetime, str]:
-    return (run.ended_at or datetime.min.replace(tzinfo=UTC), run.id)
+def _by_id(run: Run) -> tuple[bool, str]:
+    return run_order(run.id)
 
 
 def _apply(run: Run, **changes: Any) -> None:

@@ -450,3 +450,38 @@ def test_a_fifo_in_a_files_place_is_refused_not_waited_on(tmp_path: Path, where:
     script = f"from pytest_runs import Store; Store({str(store.state_dir)!r}).list()"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "is not a regular file" in result.stderr, result.stderr
+
+
+def test_prune_removes_run_folders_that_no_run_names(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    kept = store.create(ended("rig-1", 1))
+    store.make_run_dir(kept.id)
+    orphan = store.make_run_dir("20200101-000000-000000-abcdef")  # its run was deleted by a killed process
+    store.prune(keep=5)
+    assert store.run_dir(kept.id).is_dir()
+    assert not orphan.exists()
+
+
+def test_imported_ids_sort_before_generated_ones_and_finishing_appends(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    legacy = [Run(id=f"run-{i:06d}", machine="rig-1", test_dir_hash="h", status=Status.COMPLETED).to_dict()
+              for i in range(50)]  # fmt: skip
+    (state / "runs.json").write_text(json.dumps({"format": "pytest-runs-state", "version": 2, "runs": legacy}))
+    store = Store(state)
+    (path,) = (state / "history").glob("*.jsonl") if store.list() else ()
+    inode = path.stat().st_ino
+    run, _ = store.prepare_atomic("rig-1", "h2", Run)
+    store.finish(run.id, Status.COMPLETED)
+    assert path.stat().st_ino == inode, "appended, not rewritten"
+    assert store.recent(1) == [store.get(run.id)], "the new run is the newest"
+    assert [r.id for r in store.list()][-1] == run.id
+
+
+def test_a_huge_record_reads_back(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    huge = store.create(ended("rig-1", 1, error_msg="e" * (16 << 20)))
+    small = store.create(ended("rig-1", 2))
+    assert store.recent(2) == [small, huge]
+    assert store.list() == [huge, small]
+    assert store.get(huge.id) == huge
