@@ -469,7 +469,8 @@ def test_imported_ids_sort_before_generated_ones_and_finishing_appends(tmp_path:
               for i in range(50)]  # fmt: skip
     (state / "runs.json").write_text(json.dumps({"format": "pytest-runs-state", "version": 2, "runs": legacy}))
     store = Store(state)
-    (path,) = (state / "history").glob("*.jsonl") if store.list() else ()
+    assert len(store.list()) == 50  # upgraded
+    (path,) = (state / "history").glob("*.jsonl")
     inode = path.stat().st_ino
     run, _ = store.prepare_atomic("rig-1", "h2", Run)
     store.finish(run.id, Status.COMPLETED)
