@@ -108,11 +108,12 @@ OPTIONAL_KEYS = frozenset(
         "owner_lease",
         "fence",
         "summary",
+        "waited_since",
     }
 )
 # Ten years: longer leases overflow date arithmetic, and no owner needs one.
 _MAX_LEASE = 10 * 365 * 86400.0
-_TIMESTAMP_KEYS = frozenset({"started_at", "ended_at", "heartbeat_at"})
+_TIMESTAMP_KEYS = frozenset({"started_at", "ended_at", "heartbeat_at", "waited_since"})
 _OPTIONAL_INT_KEYS = frozenset({"exit_code", "owner_pid", "fence"})
 
 
@@ -162,6 +163,8 @@ class Run:
     #: How the session ended, as pytest counted it: ``{"text": "3 passed, 1 skipped",
     #: "counts": {"passed": 3, "skipped": 1}, "duration": 4.021}`` (seconds).
     summary: dict[str, Any] | None = None
+    #: When the session that runs it began to wait for a machine (only for one that waited).
+    waited_since: datetime | None = None
 
     def __post_init__(self) -> None:
         # Not a dataclass field: the fields are exactly the contract's keys. Keys written by

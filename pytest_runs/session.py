@@ -192,6 +192,7 @@ class TrackedSession:
         waiting_since = time.monotonic()
         progress = _WaitProgress(self.config)
         wait_as = self._waiter(test_dir_hash)
+        busy_since: datetime | None = None
         while True:
             waited = time.monotonic() - waiting_since
             if settings.on_busy == "wait":
@@ -213,7 +214,7 @@ class TrackedSession:
             if outcome is PrepareOutcome.CREATED or reserved:
                 try:
                     with self.stopper.deferred():
-                        self.run = self._claim(store, run)
+                        self.run = self._claim(store, run, busy_since)
                 except (InvalidTransition, RunEnded):
                     continue  # another session claimed that reservation first: look again
                 except StateError as error:
@@ -221,6 +222,7 @@ class TrackedSession:
                     raise
                 progress.done()
                 return
+            busy_since = busy_since or datetime.now(UTC)
             holder = describe_holder(run)
             same = " (the same tests)" if outcome is PrepareOutcome.REUSE else ""
             if len(settings.machines) == 1:
@@ -267,7 +269,7 @@ class TrackedSession:
         with contextlib.suppress(StateError, RunEnded, InvalidTransition, RunNotFound):
             store.finish(run.id, Status.FAILED, error_code="usage_error", error_msg=str(error), owner=self.owner)
 
-    def _claim(self, store: Store, run: Run) -> Run:
+    def _claim(self, store: Store, run: Run, waited_since: datetime | None = None) -> Run:
         run_dir = store.make_run_dir(run.id)
         changes: dict[str, Any] = {
             **self.owner.run_fields(),
@@ -276,6 +278,8 @@ class TrackedSession:
             "artifacts_path": str(run_dir / "artifacts"),
             "logs_path": str(run_dir / "log.jsonl"),
         }
+        if waited_since is not None:
+            changes["waited_since"] = waited_since
         if self.settings.batch:
             changes["batch_id"] = self.settings.batch
         if self.settings.plan_entry:
