@@ -24,7 +24,7 @@ from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .identity import read_hash_ignore
 from .liveness import DEFAULT_LEASE
-from .model import PrepareOutcome, Run, Status
+from .model import PrepareOutcome, Run, Status, run_created_at
 from .options import EXIT_BUSY, EXIT_STORE_UNREACHABLE
 from .owner import Owner
 from .settings import (
@@ -168,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id", metavar="ID")
 
     command("machines", "show each machine: idle or busy, who waits for it, its last run", "pytest-runs machines")
+
+    report = command(
+        "report",
+        "write one self-contained HTML page of who held the machines, who waited, and rig-or-code failure rates",
+        "pytest-runs report --html lab.html --since 7d",
+    )
+    report.add_argument(
+        "--html", metavar="FILE", type=Path, help="write the page to FILE (no network needed to open it)"
+    )
+    report.add_argument(
+        "--since", metavar="DURATION", type=parse_duration, default=timedelta(days=7),
+        help="the window: runs of the last DURATION (90s, 15m, 12h, 30d, 2w; default 7d)",
+    )  # fmt: skip
+    report.add_argument("--machine", metavar="M", action="append", default=[], help="only machine M (repeatable)")
 
     queue = command(
         "queue", "list the sessions waiting for machines, in the order they will be served", "pytest-runs queue"
@@ -347,6 +361,37 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report(store: Store, args: argparse.Namespace) -> int:
+    from .report import LONGEST_RUN, figures, render_html
+
+    if args.html is None and not args.json:
+        raise _Failure("report needs --html FILE or --json", EXIT_USAGE)
+    now = datetime.now(UTC)
+    since = now - args.since
+    oldest = since - LONGEST_RUN
+
+    def too_old(run: Run) -> bool:
+        created = run_created_at(run.id)
+        return created is not None and created < oldest
+
+    wanted = set(args.machine)
+    runs = store.recent(where=lambda run: not wanted or run.machine in wanted, stop=too_old)
+    data = figures(runs, store.queue(), now=now, since=since, machines=args.machine)
+    if args.html is not None:
+        page = render_html(
+            data, title=f"pytest-runs: the lab, {format_duration(args.since.total_seconds())} to {now:%Y-%m-%d %H:%M}Z"
+        )
+        try:
+            args.html.write_text(page, encoding="utf-8")
+        except OSError as error:
+            raise _Failure(f"cannot write {args.html}: {error.strerror or error}") from None
+        if not args.json:
+            print(f"wrote {args.html} ({len(data['runs'])} runs on {len(data['machines'])} machines)")
+    if args.json:
+        _print_json(data)
+    return EXIT_OK
+
+
 def _queue(store: Store, args: argparse.Namespace) -> int:
     waiters = store.queue(args.machine)
     if args.json:
@@ -452,6 +497,7 @@ _COMMANDS: dict[str, Callable[[Store, argparse.Namespace], int]] = {
     "show": _show,
     "machines": _machines,
     "queue": _queue,
+    "report": _report,
     "release": _release,
     "prune": _prune,
     "reserve": _reserve,

@@ -218,14 +218,22 @@ class Store:
         with self._transaction(write=False) as tx:
             return sorted(itertools.chain(tx.active(), tx.ended()), key=_by_id)
 
-    def recent(self, limit: int | None = None, where: Callable[[Run], bool] | None = None) -> RunList:
+    def recent(
+        self,
+        limit: int | None = None,
+        where: Callable[[Run], bool] | None = None,
+        *,
+        stop: Callable[[Run], bool] | None = None,
+    ) -> RunList:
         """The newest runs first, at most ``limit`` of them, only those ``where`` accepts.
 
         Reads history from its newest end, so a small ``limit`` costs little however much
-        is kept.
+        is kept; ``stop`` ends the reading at the first run it accepts (older ones are not read).
         """
         with self._transaction(write=False) as tx:
             runs: Iterator[Run] = tx.newest_first()
+            if stop is not None:
+                runs = itertools.takewhile(lambda run: not stop(run), runs)
             if where is not None:
                 runs = filter(where, runs)
             return builtins.list(itertools.islice(runs, limit))
