@@ -144,9 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run store (default: $PYTEST_RUNS_STATE_DIR, else $XDG_STATE_HOME/pytest-runs, "
         "else ~/.local/state/pytest-runs)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    json_help = "print only JSON on stdout, for scripts (before or after the command)"
+    parser.add_argument("--json", action="store_true", help=json_help)
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        parser_class=_Parser,
+    )
+    # Each command takes --json too. Its default is SUPPRESS, so that a command line without
+    # it after the command leaves the value given (or not) before the command as it is.
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print only JSON on stdout, for scripts")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
     def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
         return commands.add_parser(

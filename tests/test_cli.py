@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from contract import CONTRACT_KEYS
 from terminal import run_on_a_terminal
 
 from pytest_runs import Run, Status, Store
-from pytest_runs.cli import main
+from pytest_runs.cli import build_parser, main
 from pytest_runs.model import OPTIONAL_KEYS
 from pytest_runs.store import open_store
 
@@ -372,12 +374,61 @@ def test_state_dir_option_wins_over_environment(
     assert json_out(capsys, "list") == []
 
 
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every parser of its commands."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
 def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("list", "show", "machines", "release", "prune", "reserve"):
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0
         assert "example: pytest-runs " + command in out
         assert "--json" in out
+
+
+# -- --json ---------------------------------------------------------------------------
+
+
+def test_json_is_accepted_before_or_after_the_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["list"]).json is False
+    assert parser.parse_args(["--json", "list"]).json is True
+    assert parser.parse_args(["list", "--json"]).json is True
+    assert parser.parse_args(["--json", "list", "--json"]).json is True
+    for command in _parsers(parser):
+        assert "--json" in command._option_string_actions, f"{command.prog} takes no --json"
+
+
+@file_only
+def test_every_command_prints_the_same_json_with_json_before_or_after_it(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done = finished(store, "rig-1")
+    holders = [running(store, "rig-2"), running(store, "rig-3", test_dir_hash="ef" * 32)]
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("def test(): pass\n")
+
+    def printed(*argv: str) -> Any:
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        return json.loads(out)
+
+    read_only = [["list"], ["show", done.id], ["machines"], ["queue"], ["prune", "--keep", "0", "--dry-run"]]
+    for argv in read_only:
+        assert printed("--json", *argv) == printed(*argv, "--json"), argv
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == 0 and not out.startswith(("[", "{")), f"{argv}: JSON without --json"
+    # The commands that change something: each way once, and both print the run as JSON.
+    assert printed("--json", "release", holders[0].id, "--reason", "x")["id"] == holders[0].id
+    assert printed("release", holders[1].id, "--reason", "x", "--json")["id"] == holders[1].id
+    reserve = ["reserve", "--machine", "rig-4", "--test-dir", str(tests)]
+    assert printed("--json", *reserve) == printed(*reserve, "--json")
 
 
 # -- colour and the real command --------------------------------------------------------
