@@ -2,7 +2,8 @@
 
 It only parses, calls the store, and prints: tables for people, ``--json`` for
 scripts (the run contract exactly as ``Run.to_dict()`` gives it). Exit codes:
-0 done, 1 not found or refused, 2 usage error, 75 machine busy.
+0 done, 1 not found or refused, 2 usage error, 75 machine busy, 141 the reader of
+the output went away.
 """
 
 from __future__ import annotations
@@ -118,6 +119,34 @@ def _machine_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class _Version(argparse.Action):
+    """``--version``: print ``pytest-runs X.Y.Z`` from the installed metadata, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(f"pytest-runs {_version()}\n")
+        parser.exit(EXIT_OK)
+
+
+def _version() -> str:
+    """The installed distribution's version; ``unknown`` when it is not installed (a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("pytest-runs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pytest-runs``."""
     parser = _Parser(
@@ -146,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     json_help = "print only JSON on stdout, for scripts (before or after the command)"
     parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--version", action=_Version, help="print the version of pytest-runs and exit")
     commands = parser.add_subparsers(
         dest="command",
         metavar="COMMAND",
@@ -229,6 +259,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             # A run may hold text that is not valid Unicode (a path of undecodable bytes).
             stream.reconfigure(errors="backslashreplace")
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:
+            # --help, --version and usage errors end here; what they printed goes out now.
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`pytest-runs list | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.lease = parse_seconds(os.environ.get(LEASE_ENV) or str(DEFAULT_LEASE), LEASE_ENV, allow_zero=False)
@@ -244,14 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         state_dir = store_dir if store_dir is not None else resolve_state_dir(args.state_dir)
         store = open_store(state_dir, store_url, lock_timeout=lock_timeout, keep=keep)
-        code = int(_COMMANDS[args.command](store, args))
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        # The reader went away (`pytest-runs list | head`): stop quietly, as Unix tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return int(_COMMANDS[args.command](store, args))
     except _Failure as failure:
         return _fail(str(failure), failure.code)
     except StoreUnreachable as error:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from contract import CONTRACT_KEYS
 from terminal import run_on_a_terminal
 
 from pytest_runs import Run, Status, Store
-from pytest_runs.cli import build_parser, main
+from pytest_runs.cli import EXIT_BROKEN_PIPE, build_parser, main
 from pytest_runs.model import OPTIONAL_KEYS
 from pytest_runs.store import open_store
 
@@ -391,7 +393,26 @@ def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--json" in out
 
 
-# -- --json ---------------------------------------------------------------------------
+# -- --version and --json -----------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "--version")
+    assert (code, out, err) == (0, f"pytest-runs {version('pytest-runs')}\n", "")
+    assert re.fullmatch(r"pytest-runs \d+\.\d+\.\d+\S*\n", out)
+
+
+def test_version_of_the_console_script_without_pytest() -> None:
+    by_script = subprocess.run([_script(), "--version"], capture_output=True, text=True, check=True)
+    assert by_script.stdout == f"pytest-runs {version('pytest-runs')}\n"
+    code = (
+        "import sys\n"
+        "from pytest_runs.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.stdout, result.stderr) == (by_script.stdout, "[]\n")
 
 
 def test_json_is_accepted_before_or_after_the_command() -> None:
@@ -486,6 +507,44 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(store: Store, state_di
     )
     assert result.stdout == "[\n"
     assert result.stderr == "", "no BrokenPipeError traceback"
+
+
+@file_only
+def test_a_reader_gone_before_the_output_ends_every_command_quietly(
+    store: Store, state_dir: Path, tmp_path: Path
+) -> None:
+    done = finished(store, "rig-1")
+    holder = running(store, "rig-2")
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("def test(): pass\n")
+    cases = [
+        ["--version"],
+        ["--help"],
+        ["list", "--help"],
+        ["list"],
+        ["--json", "list"],
+        ["show", done.id],
+        ["show", done.id, "--json"],
+        ["machines"],
+        ["--json", "machines"],
+        ["queue", "--machine", "rig-2"],
+        ["prune", "--keep", "0", "--dry-run"],
+        ["reserve", "--machine", "rig-3", "--test-dir", str(tests)],
+        ["release", holder.id, "--reason", "x", "--json"],
+    ]
+    for argv in cases:
+        # A reader that closed the pipe before the first byte: every write fails at once.
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            result = subprocess.run([_script(), *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write)
+        # argparse itself ignores a failed write of its help; everything else ends as a closed pipe ends a tool.
+        expected = 0 if "--help" in argv else EXIT_BROKEN_PIPE
+        assert (result.returncode, result.stderr) == (expected, ""), argv
+    assert store.get(holder.id).status is Status.INTERRUPTED, "the release was done; only its report was lost"
 
 
 def test_an_environment_value_out_of_range_is_one_line(
