@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COMMAND",
         required=True,
         parser_class=_Parser,
+        help="what to do; pytest-runs COMMAND --help tells more",
     )
     # Each command takes --json too. Its default is SUPPRESS, so that a command line without
     # it after the command leaves the value given (or not) before the command as it is.
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", metavar="N", type=_positive_int, help="at most N runs")
 
     show = command("show", "show every field of one run", "pytest-runs show 20261126-180458-123456-a1b2c3")
-    show.add_argument("run_id", metavar="ID")
+    show.add_argument("run_id", metavar="ID", help="the run's ID, as list shows it")
 
     command("machines", "show each machine: idle or busy, who waits for it, its last run", "pytest-runs machines")
 
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "end a pending or running run as interrupted, freeing its machine",
         "pytest-runs release 20261126-180458-123456-a1b2c3 --reason 'runner died'",
     )
-    release.add_argument("run_id", metavar="ID")
+    release.add_argument("run_id", metavar="ID", help="the run to end, pending or running")
     release.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in error_msg)")
 
     prune = command(
@@ -239,10 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         "reserve a machine for the tests in a folder; a later pytest --runs-machine on them claims it",
         "pytest-runs reserve --machine rig-1 --test-dir ./tests --batch nightly-42",
     )
-    reserve.add_argument("--machine", required=True, metavar="M", type=_machine_name)
-    reserve.add_argument("--test-dir", required=True, metavar="D", type=Path)
-    reserve.add_argument("--batch", metavar="B", default="")
-    reserve.add_argument("--plan-entry", metavar="P", default="")
+    reserve.add_argument("--machine", required=True, metavar="M", type=_machine_name, help="the machine to reserve")
+    reserve.add_argument(
+        "--test-dir",
+        required=True,
+        metavar="D",
+        type=Path,
+        help="the folder of the tests: its content is hashed as the plugin hashes its test folder",
+    )
+    reserve.add_argument("--batch", metavar="B", default="", help="the reservation's batch_id (as --runs-batch)")
+    reserve.add_argument(
+        "--plan-entry", metavar="P", default="", help="the reservation's plan_entry (as --runs-plan-entry)"
+    )
     reserve.add_argument(
         "--hash-ignore",
         metavar="GLOB",

@@ -385,12 +385,35 @@ def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParse
                 yield from _parsers(sub)
 
 
+COMMANDS = [parser.prog.split()[-1] for parser in list(_parsers(build_parser()))[1:]]
+
+
 def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("list", "show", "machines", "release", "prune", "reserve"):
+    assert {"list", "show", "machines", "queue", "release", "prune", "reserve"} <= set(COMMANDS)
+    for command in COMMANDS:
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0
         assert "example: pytest-runs " + command in out
         assert "--json" in out
+
+
+def test_every_option_argument_and_command_has_help() -> None:
+    missing = []
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            name = "/".join(action.option_strings) or str(action.metavar or action.dest)
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                missing.append(f"{parser.prog} {name}")
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{parser.prog} {c.dest}" for c in action._choices_actions if not (c.help or "").strip()]
+    assert missing == []
+
+
+def test_help_shows_every_options_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "reserve", "--help")
+    assert code == 0
+    assert re.search(r"--machine M\s+the machine to reserve", out), out
+    assert re.search(r"--test-dir D\s+the folder of the tests", out), out
 
 
 # -- --version and --json -----------------------------------------------------------------
