@@ -450,7 +450,8 @@ def _release(store: Store, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run.to_dict())
     else:
-        print(f"released run {run.id} on {run.machine}: now interrupted (released: {args.reason})")
+        # The record's error_msg is "released: REASON"; the line says "released" once.
+        print(f"released run {run.id} on {run.machine} (now {run.status.value}): {args.reason}")
     return EXIT_OK
 
 

@@ -224,11 +224,13 @@ def test_release_refuses_a_terminal_run(store: Store, capsys: pytest.CaptureFixt
     assert store.get(done.id) == done
 
 
-def test_release_table_output(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+def test_release_table_output_says_released_once(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     holder = running(store, "rig-1")
     code, out, _ = run_cli(capsys, "release", holder.id, "--reason", "stuck")
     assert code == 0
-    assert f"released run {holder.id} on rig-1" in out
+    assert out == f"released run {holder.id} on rig-1 (now interrupted): stuck\n"
+    # The record keeps its one line of what happened, as every ended run's error_msg does.
+    assert store.get(holder.id).error_msg == "released: stuck"
 
 
 # -- prune ------------------------------------------------------------------------------
