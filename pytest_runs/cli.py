@@ -2,7 +2,8 @@
 
 It only parses, calls the store, and prints: tables for people, ``--json`` for
 scripts (the run contract exactly as ``Run.to_dict()`` gives it). Exit codes:
-0 done, 1 not found or refused, 2 usage error, 75 machine busy.
+0 done, 1 not found or refused, 2 usage error, 75 machine busy, 141 the reader of
+the output went away.
 """
 
 from __future__ import annotations
@@ -118,6 +119,34 @@ def _machine_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class _Version(argparse.Action):
+    """``--version``: print ``pytest-runs X.Y.Z`` from the installed metadata, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(f"pytest-runs {_version()}\n")
+        parser.exit(EXIT_OK)
+
+
+def _version() -> str:
+    """The installed distribution's version; ``unknown`` when it is not installed (a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("pytest-runs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pytest-runs``."""
     parser = _Parser(
@@ -144,9 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run store (default: $PYTEST_RUNS_STATE_DIR, else $XDG_STATE_HOME/pytest-runs, "
         "else ~/.local/state/pytest-runs)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    json_help = "print only JSON on stdout, for scripts (before or after the command)"
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--version", action=_Version, help="print the version of pytest-runs and exit")
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        parser_class=_Parser,
+        help="what to do; pytest-runs COMMAND --help tells more",
+    )
+    # Each command takes --json too. Its default is SUPPRESS, so that a command line without
+    # it after the command leaves the value given (or not) before the command as it is.
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print only JSON on stdout, for scripts")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
     def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
         return commands.add_parser(
@@ -165,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", metavar="N", type=_positive_int, help="at most N runs")
 
     show = command("show", "show every field of one run", "pytest-runs show 20261126-180458-123456-a1b2c3")
-    show.add_argument("run_id", metavar="ID")
+    show.add_argument("run_id", metavar="ID", help="the run's ID, as list shows it")
 
     command("machines", "show each machine: idle or busy, who waits for it, its last run", "pytest-runs machines")
 
@@ -193,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "end a pending or running run as interrupted, freeing its machine",
         "pytest-runs release 20261126-180458-123456-a1b2c3 --reason 'runner died'",
     )
-    release.add_argument("run_id", metavar="ID")
+    release.add_argument("run_id", metavar="ID", help="the run to end, pending or running")
     release.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in error_msg)")
 
     prune = command(
@@ -214,10 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
         "reserve a machine for the tests in a folder; a later pytest --runs-machine on them claims it",
         "pytest-runs reserve --machine rig-1 --test-dir ./tests --batch nightly-42",
     )
-    reserve.add_argument("--machine", required=True, metavar="M", type=_machine_name)
-    reserve.add_argument("--test-dir", required=True, metavar="D", type=Path)
-    reserve.add_argument("--batch", metavar="B", default="")
-    reserve.add_argument("--plan-entry", metavar="P", default="")
+    reserve.add_argument("--machine", required=True, metavar="M", type=_machine_name, help="the machine to reserve")
+    reserve.add_argument(
+        "--test-dir",
+        required=True,
+        metavar="D",
+        type=Path,
+        help="the folder of the tests: its content is hashed as the plugin hashes its test folder",
+    )
+    reserve.add_argument("--batch", metavar="B", default="", help="the reservation's batch_id (as --runs-batch)")
+    reserve.add_argument(
+        "--plan-entry", metavar="P", default="", help="the reservation's plan_entry (as --runs-plan-entry)"
+    )
     reserve.add_argument(
         "--hash-ignore",
         metavar="GLOB",
@@ -234,6 +282,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             # A run may hold text that is not valid Unicode (a path of undecodable bytes).
             stream.reconfigure(errors="backslashreplace")
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:
+            # --help, --version and usage errors end here; what they printed goes out now.
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`pytest-runs list | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.lease = parse_seconds(os.environ.get(LEASE_ENV) or str(DEFAULT_LEASE), LEASE_ENV, allow_zero=False)
@@ -249,14 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         state_dir = store_dir if store_dir is not None else resolve_state_dir(args.state_dir)
         store = open_store(state_dir, store_url, lock_timeout=lock_timeout, keep=keep)
-        code = int(_COMMANDS[args.command](store, args))
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        # The reader went away (`pytest-runs list | head`): stop quietly, as Unix tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return int(_COMMANDS[args.command](store, args))
     except _Failure as failure:
         return _fail(str(failure), failure.code)
     except StoreUnreachable as error:
@@ -437,7 +495,8 @@ def _release(store: Store, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run.to_dict())
     else:
-        print(f"released run {run.id} on {run.machine}: now interrupted (released: {args.reason})")
+        # The record's error_msg is "released: REASON"; the line says "released" once.
+        print(f"released run {run.id} on {run.machine} (now {run.status.value}): {args.reason}")
     return EXIT_OK
 
 

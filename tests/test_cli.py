@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from contract import CONTRACT_KEYS
 from terminal import run_on_a_terminal
 
 from pytest_runs import Run, Status, Store
-from pytest_runs.cli import main
+from pytest_runs.cli import EXIT_BROKEN_PIPE, build_parser, main
 from pytest_runs.model import OPTIONAL_KEYS
 from pytest_runs.store import open_store
 
@@ -220,11 +224,13 @@ def test_release_refuses_a_terminal_run(store: Store, capsys: pytest.CaptureFixt
     assert store.get(done.id) == done
 
 
-def test_release_table_output(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+def test_release_table_output_says_released_once(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     holder = running(store, "rig-1")
     code, out, _ = run_cli(capsys, "release", holder.id, "--reason", "stuck")
     assert code == 0
-    assert f"released run {holder.id} on rig-1" in out
+    assert out == f"released run {holder.id} on rig-1 (now interrupted): stuck\n"
+    # The record keeps its one line of what happened, as every ended run's error_msg does.
+    assert store.get(holder.id).error_msg == "released: stuck"
 
 
 # -- prune ------------------------------------------------------------------------------
@@ -372,12 +378,103 @@ def test_state_dir_option_wins_over_environment(
     assert json_out(capsys, "list") == []
 
 
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every parser of its commands."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+COMMANDS = [parser.prog.split()[-1] for parser in list(_parsers(build_parser()))[1:]]
+
+
 def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("list", "show", "machines", "release", "prune", "reserve"):
+    assert {"list", "show", "machines", "queue", "release", "prune", "reserve"} <= set(COMMANDS)
+    for command in COMMANDS:
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0
         assert "example: pytest-runs " + command in out
         assert "--json" in out
+
+
+def test_every_option_argument_and_command_has_help() -> None:
+    missing = []
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            name = "/".join(action.option_strings) or str(action.metavar or action.dest)
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                missing.append(f"{parser.prog} {name}")
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{parser.prog} {c.dest}" for c in action._choices_actions if not (c.help or "").strip()]
+    assert missing == []
+
+
+def test_help_shows_every_options_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "reserve", "--help")
+    assert code == 0
+    assert re.search(r"--machine M\s+the machine to reserve", out), out
+    assert re.search(r"--test-dir D\s+the folder of the tests", out), out
+
+
+# -- --version and --json -----------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "--version")
+    assert (code, out, err) == (0, f"pytest-runs {version('pytest-runs')}\n", "")
+    assert re.fullmatch(r"pytest-runs \d+\.\d+\.\d+\S*\n", out)
+
+
+def test_version_of_the_console_script_without_pytest() -> None:
+    by_script = subprocess.run([_script(), "--version"], capture_output=True, text=True, check=True)
+    assert by_script.stdout == f"pytest-runs {version('pytest-runs')}\n"
+    code = (
+        "import sys\n"
+        "from pytest_runs.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.stdout, result.stderr) == (by_script.stdout, "[]\n")
+
+
+def test_json_is_accepted_before_or_after_the_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["list"]).json is False
+    assert parser.parse_args(["--json", "list"]).json is True
+    assert parser.parse_args(["list", "--json"]).json is True
+    assert parser.parse_args(["--json", "list", "--json"]).json is True
+    for command in _parsers(parser):
+        assert "--json" in command._option_string_actions, f"{command.prog} takes no --json"
+
+
+@file_only
+def test_every_command_prints_the_same_json_with_json_before_or_after_it(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done = finished(store, "rig-1")
+    holders = [running(store, "rig-2"), running(store, "rig-3", test_dir_hash="ef" * 32)]
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("def test(): pass\n")
+
+    def printed(*argv: str) -> Any:
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        return json.loads(out)
+
+    read_only = [["list"], ["show", done.id], ["machines"], ["queue"], ["prune", "--keep", "0", "--dry-run"]]
+    for argv in read_only:
+        assert printed("--json", *argv) == printed(*argv, "--json"), argv
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == 0 and not out.startswith(("[", "{")), f"{argv}: JSON without --json"
+    # The commands that change something: each way once, and both print the run as JSON.
+    assert printed("--json", "release", holders[0].id, "--reason", "x")["id"] == holders[0].id
+    assert printed("release", holders[1].id, "--reason", "x", "--json")["id"] == holders[1].id
+    reserve = ["reserve", "--machine", "rig-4", "--test-dir", str(tests)]
+    assert printed("--json", *reserve) == printed(*reserve, "--json")
 
 
 # -- colour and the real command --------------------------------------------------------
@@ -435,6 +532,44 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(store: Store, state_di
     )
     assert result.stdout == "[\n"
     assert result.stderr == "", "no BrokenPipeError traceback"
+
+
+@file_only
+def test_a_reader_gone_before_the_output_ends_every_command_quietly(
+    store: Store, state_dir: Path, tmp_path: Path
+) -> None:
+    done = finished(store, "rig-1")
+    holder = running(store, "rig-2")
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text("def test(): pass\n")
+    cases = [
+        ["--version"],
+        ["--help"],
+        ["list", "--help"],
+        ["list"],
+        ["--json", "list"],
+        ["show", done.id],
+        ["show", done.id, "--json"],
+        ["machines"],
+        ["--json", "machines"],
+        ["queue", "--machine", "rig-2"],
+        ["prune", "--keep", "0", "--dry-run"],
+        ["reserve", "--machine", "rig-3", "--test-dir", str(tests)],
+        ["release", holder.id, "--reason", "x", "--json"],
+    ]
+    for argv in cases:
+        # A reader that closed the pipe before the first byte: every write fails at once.
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            result = subprocess.run([_script(), *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write)
+        # argparse itself ignores a failed write of its help; everything else ends as a closed pipe ends a tool.
+        expected = 0 if "--help" in argv else EXIT_BROKEN_PIPE
+        assert (result.returncode, result.stderr) == (expected, ""), argv
+    assert store.get(holder.id).status is Status.INTERRUPTED, "the release was done; only its report was lost"
 
 
 def test_an_environment_value_out_of_range_is_one_line(
