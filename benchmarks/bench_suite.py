@@ -1,6 +1,6 @@
 """What tracking costs a whole pytest session of a real third-party suite: absent, installed but off, and on.
 
-    .venv/bin/python benchmarks/bench_suite.py [--suite boltons] [--repeat 9] [--workdir DIR]
+    .venv/bin/python benchmarks/bench_suite.py [--suite boltons] [--repeat 15] [--workdir DIR]
 
 Downloads the suite's pinned sdist (its tests included) from PyPI into DIR (by default
 ``pytest-runs-bench-suite`` in the system temp folder, kept between runs), checks its
@@ -10,8 +10,10 @@ suite in a new pytest process ``--repeat`` times for each variant, interleaved i
 rotating order so that machine load hits them alike, after one untimed warm-up round.
 "on" tracks every session as a run on machine ``bench`` in one state dir, as a lab store
 would. Bytecode is cached as Python does by default (PYTHONDONTWRITEBYTECODE is dropped
-for the sessions). Prints median wall and CPU seconds (the process and its children), their ratios
-to "absent", and pytest's final counts for each variant, which must be the same.
+for the sessions). Prints median wall seconds, their ratio to "absent", the median of each
+round's own ratio ("paired", steadier when the machine's load drifts), median CPU seconds
+and their ratio, the load average, and pytest's final counts for each variant, which must
+be the same.
 
 Suites: ``boltons`` (the default: pure Python, about 670 tests with its doctests, a few
 seconds), ``click`` (about 2,400 tests) and ``packaging`` (about 64,000 tiny tests in
@@ -145,7 +147,7 @@ def final_counts(output: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="boltons")
-    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pytest-runs-bench-suite")
     args = parser.parse_args()
     suite = SUITES[args.suite]
@@ -153,6 +155,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     source = fetch(suite, workdir)
     python = make_venv(suite, workdir, source)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=workdir, prefix="state-") as state:
         base = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *suite.args]
         variants = {
@@ -181,14 +184,20 @@ def main() -> None:
                     continue  # the warm-up: bytecode caches, the page cache, the test folder's hash cache
                 walls[name].append(wall)
                 cpus[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    load_after = os.getloadavg()[0]
     wall_ref = statistics.median(walls[names[0]])
     cpu_ref = statistics.median(cpus[names[0]])
     print(f"{suite.project} {suite.version}: {' '.join(['pytest', *suite.args])} in {source}")
-    print(f"{'variant':<22}  {'median s':>8}  {'vs absent':>9}  {'cpu s':>7}  {'vs absent':>9}")
+    print(f"{'variant':<22}  {'median s':>8}  {'vs absent':>9}  {'paired':>6}  {'cpu s':>6}  {'vs absent':>9}")
     for name in names:
         wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
-        print(f"{name:<22}  {wall:>8.3f}  {wall / wall_ref:>9.3f}  {cpu:>7.3f}  {cpu / cpu_ref:>9.3f}")
-    print(f"{args.repeat} interleaved runs of each variant in a new process, after one warm-up round")
+        # The median of each round's ratio to "absent" in that round: load that drifts cancels out.
+        paired = statistics.median(w / a for w, a in zip(walls[name], walls[names[0]], strict=True))
+        print(f"{name:<22}  {wall:>8.3f}  {wall / wall_ref:>9.3f}  {paired:>6.3f}  {cpu:>6.3f}  {cpu / cpu_ref:>9.3f}")
+    print(
+        f"{args.repeat} interleaved runs of each variant in a new process, after one warm-up round; "
+        f"load average {load_before:.1f} before, {load_after:.1f} after"
+    )
     for name in names:
         print(f"tests, {name}: {' | '.join(sorted(outcomes[name]))}")
     if len({frozenset(found) for found in outcomes.values()}) != 1:
