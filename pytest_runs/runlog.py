@@ -20,19 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any
 
 import pytest
 
-from .model import format_timestamp
-
 __all__ = ["RunLog", "report_entry"]
+
+# One encoder for every line (json.dumps would build one per call); ASCII escapes, as json.dumps writes.
+_ENCODER = json.JSONEncoder(default=str)
 
 
 class RunLog:
-    """An open run log; :meth:`write` never raises."""
+    """An open run log; :meth:`write` and :meth:`report` never raise.
+
+    Every line is written through to the file at once (flushed, not fsynced), so that the
+    log of a session that dies on a test shows the last phase that ended.
+    """
 
     def __init__(self, handle: IO[str], warn: Callable[[str], None]) -> None:
         self._handle: IO[str] | None = handle
@@ -40,11 +47,27 @@ class RunLog:
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one line: ``ts``, ``event``, then ``fields``."""
+        if self._handle is not None:
+            self._append(_ENCODER.encode({"ts": _now(), "event": event, **fields}))
+
+    def report(self, report: pytest.TestReport | pytest.CollectReport) -> None:
+        """Append the ``report`` line of one test phase or collection report.
+
+        This runs for every test phase, so a phase that passed, by far the most common, takes
+        a short way to the very same line; every other report is encoded from :func:`report_entry`.
+        """
         if self._handle is None:
             return
-        line = {"ts": format_timestamp(datetime.now(UTC)), "event": event, **fields}
+        ts = _now()
+        line = _passed_line(ts, report)
+        if line is None:
+            line = _ENCODER.encode({"ts": ts, "event": "report", **report_entry(report)})
+        self._append(line)
+
+    def _append(self, line: str) -> None:
+        assert self._handle is not None
         try:
-            self._handle.write(json.dumps(line, default=str) + "\n")
+            self._handle.write(line + "\n")
             self._handle.flush()
         except (OSError, ValueError) as error:
             self._warn(f"pytest-runs: WARNING: the run log stopped: {error}")
@@ -56,6 +79,48 @@ class RunLog:
             with contextlib.suppress(OSError):
                 self._handle.close()
             self._handle = None
+
+
+_PHASES = frozenset({"setup", "call", "teardown"})
+# The current second and its text: a session writes many lines a second, each formats only its microseconds.
+_second: tuple[int, str] = (-1, "")
+
+
+def _now() -> str:
+    """What ``format_timestamp(datetime.now(UTC))`` gives: ``2026-11-26T18:04:58.123456Z``."""
+    global _second
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    second = _second
+    if second[0] != seconds:
+        second = _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{second[1]}.{micros:06d}Z"
+
+
+def _passed_line(ts: str, report: pytest.TestReport | pytest.CollectReport) -> str | None:
+    """The line of a phase that passed, the very text that encoding :func:`report_entry` gives; else ``None``.
+
+    Strings are escaped by the encoder's own function and the duration written as its
+    ``float.__repr__``, as the encoder does for a finite float.
+    """
+    nodeid, when, duration = report.nodeid, getattr(report, "when", None), getattr(report, "duration", None)
+    if (
+        report.outcome != "passed"
+        or when not in _PHASES
+        or type(nodeid) is not str
+        or type(duration) is not float
+        or not math.isfinite(duration)
+        or getattr(report, "context", None) is not None
+    ):
+        return None
+    worker = ""
+    if (gateway := getattr(getattr(report, "node", None), "gateway", None)) is not None:
+        if type(gateway.id) is not str:
+            return None
+        worker = f', "worker": {encode_basestring_ascii(gateway.id)}'
+    return (
+        f'{{"ts": "{ts}", "event": "report", "nodeid": {encode_basestring_ascii(nodeid)}, '
+        f'"when": "{when}", "outcome": "passed", "duration": {duration!r}{worker}}}'
+    )
 
 
 def report_entry(report: pytest.TestReport | pytest.CollectReport) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from .options import (
 )
 from .owner import Owner
 from .queue import Waiter
-from .runlog import RunLog, report_entry
+from .runlog import RunLog
 from .stopper import StopKind, Stopper, StopRequest
 from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked, open_store
 
@@ -399,13 +399,13 @@ class TrackedSession:
         if report.when == "call" or not report.passed:
             self.counts[_outcome_word(report)] += 1
         if self._log is not None:
-            self._log.write("report", **report_entry(report))
+            self._log.report(report)
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if self.run is not None and report.failed:
             self.counts["error"] += 1
             if self._log is not None:
-                self._log.write("report", **report_entry(report))
+                self._log.report(report)
 
     def _add_junit_properties(self, run: Run) -> None:
         """With --junitxml, the report's testsuite links back to the run."""
