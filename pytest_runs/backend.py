@@ -128,8 +128,8 @@ class Backend(Protocol):
     #: Whether :meth:`wait_for_change` returns as soon as the machine may be free (else it just sleeps).
     wakes_on_change: bool
 
-    def wait_for_change(self, holder: Run, timeout: float) -> None:
-        """Return when the machine ``holder`` occupies may be free, or after ``timeout`` seconds."""
+    def wait_for_change(self, holder: Run, timeout: float) -> bool:
+        """Return True when the machine ``holder`` occupies may be free, False after ``timeout`` seconds."""
 
     def stop_waiting(self) -> None:
         """Let go of whatever :meth:`wait_for_change` kept for the next call."""

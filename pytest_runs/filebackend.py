@@ -161,7 +161,7 @@ class FileBackend:
         self._file_lock = StoreLock(self.lock_path)
         self.boot_id = boot_id()
 
-    def wait_for_change(self, holder: Run, timeout: float) -> None:
+    def wait_for_change(self, holder: Run, timeout: float) -> bool:
         """Return once a commit changed the state (a slot was written), or after ``timeout`` seconds.
 
         Looks at the two slots' ``stat`` every 50 ms: a few syscalls, no lock taken, so a
@@ -172,7 +172,8 @@ class FileBackend:
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(_CHANGE_POLL_SECONDS, left))
             if self._slot_stamps() != seen:
-                return
+                return True
+        return False
 
     def _slot_stamps(self) -> tuple[tuple[int, int, int], ...]:
         stamps = []

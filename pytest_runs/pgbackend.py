@@ -241,7 +241,7 @@ class PgBackend:
         lock.acquire()
         return lock
 
-    def wait_for_change(self, holder: Run, timeout: float) -> None:
+    def wait_for_change(self, holder: Run, timeout: float) -> bool:
         """Return when a run ends (``NOTIFY``) or ``holder``'s owner lets go or dies, or after ``timeout``.
 
         The waiting connections are kept from one call to the next while the holder is the
@@ -256,9 +256,12 @@ class PgBackend:
                 waiter = self._waiter = _Waiter(self, holder.owner_token)
             if waiter.wait(timeout):
                 self.stop_waiting()
+                return True
         except (self._psycopg.Error, OSError, StateError):
             self.stop_waiting()
             time.sleep(max(0.0, min(1.0, timeout)))
+            return True
+        return False
 
     def stop_waiting(self) -> None:
         """Close the connections of :meth:`wait_for_change`."""

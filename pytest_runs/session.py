@@ -51,11 +51,14 @@ from .owner import Owner
 from .queue import Waiter
 from .runlog import RunLog
 from .stopper import StopKind, Stopper, StopRequest
-from .store import InvalidTransition, RunEnded, RunNotFound, StateError, Store, StoreLocked, open_store
+from .store import InvalidTransition, Prepared, RunEnded, RunNotFound, StateError, Store, StoreLocked, open_store
 
 __all__ = ["TrackedSession"]
 _WAIT_POLL_SECONDS = 0.5
 _WAKEUP_WAIT_SECONDS = 1.0
+# A waiter on a store that says when it changes looks again at least this often (to keep its
+# place in line fresh); in between only its progress line moves.
+_LOOK_AGAIN_SECONDS = 10.0
 _WAIT_REPORT_EVERY = 30.0
 
 
@@ -193,15 +196,22 @@ class TrackedSession:
         progress = _WaitProgress(self.config)
         wait_as = self._waiter(test_dir_hash)
         busy_since: datetime | None = None
+        prepared: Prepared | None = None
+        look_by = 0.0  # when to look at the store again even if nothing seemed to change
+        changed = True
         while True:
             waited = time.monotonic() - waiting_since
             if settings.on_busy == "wait":
                 # Never wait for the store's lock past the wait timeout.
                 store.lock_timeout = max(0.1, min(settings.lock_timeout, settings.wait_timeout - waited))
             try:
-                with self.stopper.deferred():
-                    prepared = store.prepare(settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as)
-                    run, outcome = prepared.run, prepared.outcome
+                if changed or prepared is None or time.monotonic() >= look_by:
+                    with self.stopper.deferred():
+                        prepared = store.prepare(
+                            settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as
+                        )
+                    look_by = time.monotonic() + _LOOK_AGAIN_SECONDS
+                run, outcome = prepared.run, prepared.outcome
             except StoreLocked as locked:
                 waited = time.monotonic() - waiting_since
                 if settings.on_busy != "wait" or waited >= settings.wait_timeout:
@@ -253,9 +263,10 @@ class TrackedSession:
             poll = _WAKEUP_WAIT_SECONDS if store.backend.wakes_on_change else _WAIT_POLL_SECONDS
             pause = max(0.0, min(poll * random.uniform(0.8, 1.2), settings.wait_timeout - waited))
             try:
-                store.wait_for_change(run, pause)
+                changed = store.wait_for_change(run, pause)
             except StateError:
                 time.sleep(pause)
+                changed = True
 
     def _refuse(self, message: str, status: int = EXIT_BUSY) -> NoReturn:
         """No test runs: exit with ``status`` (:data:`EXIT_BUSY`), saying why once."""

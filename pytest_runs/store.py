@@ -556,13 +556,14 @@ class Store:
         key = hashlib.sha256(os.fsencode(os.path.realpath(test_dir))).hexdigest()[:32]
         return HashCache(folder / f"{key}.bin")
 
-    def wait_for_change(self, holder: Run, timeout: float) -> None:
-        """Sleep until the machine ``holder`` occupies may have become free, at most ``timeout`` seconds.
+    def wait_for_change(self, holder: Run, timeout: float) -> bool:
+        """Wait until the machine ``holder`` occupies may have become free, at most ``timeout`` seconds.
 
-        The database backend wakes at once when a run ends or ``holder``'s owner lets go or
-        dies; the file backend sleeps ``timeout``.
+        True when something changed (look again), False when ``timeout`` passed quietly.
+        The database backend is woken when a run ends or ``holder``'s owner lets go or dies;
+        the file backend notices any commit within 50 ms.
         """
-        self.backend.wait_for_change(holder, timeout)
+        return self.backend.wait_for_change(holder, timeout)
 
     def stop_waiting(self) -> None:
         """Let go of what :meth:`wait_for_change` kept between calls (the database backend's connections)."""
