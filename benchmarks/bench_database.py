@@ -57,6 +57,15 @@ time.sleep(600)
 """
 
 
+def end_holder(holder: subprocess.Popen[str], state: Path, url: str) -> None:
+    """Kill the holder process and end whatever run it left active."""
+    holder.kill()
+    holder.wait()
+    cleanup = open_store(state, url)
+    for active in cleanup.recent(5, where=lambda r: not r.status.is_terminal):
+        cleanup.finish(active.id, Status.INTERRUPTED)
+
+
 def wake_latency(state: Path, url: str, how: str) -> float:
     """Seconds from the holder's act to the waiter's return."""
     holder = subprocess.Popen(
@@ -93,11 +102,7 @@ def wake_latency(state: Path, url: str, how: str) -> float:
         actor.join()
         return woke - acted[0]
     finally:
-        holder.kill()
-        holder.wait()
-        cleanup = open_store(state, url)
-        for active in cleanup.recent(5, where=lambda r: not r.status.is_terminal):
-            cleanup.finish(active.id, Status.INTERRUPTED)
+        end_holder(holder, state, url)
 
 
 def waiter_cpu(state: Path, url: str) -> float:
@@ -111,11 +116,7 @@ def waiter_cpu(state: Path, url: str) -> float:
         after = resource.getrusage(resource.RUSAGE_SELF)
         return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     finally:
-        holder.kill()
-        holder.wait()
-        cleanup = open_store(state, url)
-        for active in cleanup.recent(5, where=lambda r: not r.status.is_terminal):
-            cleanup.finish(active.id, Status.INTERRUPTED)
+        end_holder(holder, state, url)
 
 
 def main() -> None:
