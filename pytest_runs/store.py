@@ -317,7 +317,10 @@ class Store:
             token = wait_as.token if wait_as is not None else None
             for name in names:
                 run = active.get(name)
-                if run is not None and run.test_dir_hash == test_dir_hash:
+                # A pending run in another live session's name (handed to a waiter, or just
+                # created by a session about to claim it) is its own, even for the same tests.
+                theirs = run is not None and run.status is Status.PENDING and run.owner_token not in ("", token)
+                if run is not None and run.test_dir_hash == test_dir_hash and not theirs:
                     if token:
                         tx.remove_waiter(token)
                     return Prepared(PrepareOutcome.REUSE, run)

@@ -310,3 +310,21 @@ def test_the_command_shows_the_line(
     assert lines[0].split()[:3] == ["#", "MACHINES", "PRIORITY"] and "first" in lines[1] and "second" in lines[2]
     assert main([*argv, "machines"]) == 0
     assert " 2 " in capsys.readouterr().out
+
+
+def test_a_machine_handed_to_a_waiter_is_not_taken_by_others_with_the_same_tests(
+    store: Store, locks: list[OwnerLock]
+) -> None:
+    holder = occupy(store)
+    first, second = waiter(store, locks, "first"), waiter(store, locks, "second")
+    second.run.test_dir_hash = first.run.test_dir_hash  # the same tests, dispatched twice
+    look(store, first)
+    look(store, second)
+    store.finish(holder.id, Status.COMPLETED)
+    outcome, run, place = look(store, second)
+    assert (outcome, place) == (PrepareOutcome.BUSY, 1), "the machine was handed to first"
+    assert run.owner_token == first.token
+    run, outcome = store.prepare_atomic("rig-1", first.run.test_dir_hash, Run)
+    assert outcome is PrepareOutcome.BUSY, "nor by a session that does not wait"
+    assert serve(store, first).owner_host == "first"
+    assert serve(store, second).owner_host == "second"
