@@ -44,6 +44,7 @@ from .errors import InvalidTransition, StateError, StoreLocked, StoreUnreachable
 from .liveness import DEFAULT_LEASE
 from .model import Run, Status
 from .queue import Waiter
+from .settings import mask_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -68,12 +69,7 @@ def is_database_url(text: str) -> bool:
 
 def mask(url: str) -> str:
     """``url`` with any password replaced by ``***``, for messages and records."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return mask_url(url)
 
 
 def _split_schema(url: str) -> tuple[str, str]:
@@ -116,6 +112,10 @@ class PgBackend:
     def __init__(self, url: str, *, lock_timeout: float) -> None:
         self.url = url
         self.location = mask(url)
+        try:
+            _ = urllib.parse.urlsplit(url).port
+        except ValueError as error:
+            raise StateError(f"store {self.location} is not a valid URL: {error}") from None
         self.wakes_on_change = True
         self.lock_timeout = lock_timeout
         self.conninfo, self.schema = _split_schema(url)
@@ -140,8 +140,8 @@ class PgBackend:
 
     def unreachable(self, error: BaseException) -> StoreUnreachable:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if self.conninfo and (password := urllib.parse.urlsplit(self.url).password):
-            detail = detail.replace(password, "***")
+        if password := urllib.parse.urlsplit(self.url).password:
+            detail = detail.replace(password, "***").replace(urllib.parse.quote(password), "***")
         return StoreUnreachable(f"cannot reach the store {self.location}: {detail}")
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -193,7 +193,7 @@ class PgBackend:
                 ) from None
             except psycopg.errors.UniqueViolation as error:
                 raise InvalidTransition(f"the database refused a second active run on a machine: {error}") from None
-            except psycopg.DataError as error:
+            except (psycopg.DataError, UnicodeEncodeError) as error:
                 raise ValueError(f"store {self.location} cannot hold this value: {error}") from None
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
                 self.close()
@@ -537,7 +537,8 @@ class PgTransaction:
         )
 
     def _notify(self, machine: str) -> None:
-        self.cursor.execute("SELECT pg_notify(%s, %s)", (f"{self.s}_ended", machine))
+        # The payload is not read (waiters look again); a machine's name may exceed NOTIFY's 8000 bytes.
+        self.cursor.execute("SELECT pg_notify(%s, '')", (f"{self.s}_ended",))
 
 
 class PgOwnerLock:

@@ -50,6 +50,7 @@ from .options import (
 from .owner import Owner
 from .queue import Waiter
 from .runlog import RunLog
+from .settings import mask_url
 from .stopper import StopKind, Stopper, StopRequest
 from .store import InvalidTransition, Prepared, RunEnded, RunNotFound, StateError, Store, StoreLocked, open_store
 
@@ -218,14 +219,25 @@ class TrackedSession:
                     progress.done()
                     self._refuse(f"pytest-runs: {locked}")
                 progress.show(line=f"pytest-runs: {locked}; still waiting", in_place=f"pytest-runs: {locked}")
+                changed = True
                 continue
             # A pending run for exactly these tests is a reservation: claim it.
             reserved = outcome is PrepareOutcome.REUSE and run.status is Status.PENDING
             if outcome is PrepareOutcome.CREATED or reserved:
+                if self.liveness is not None and not self.liveness.still_held():
+                    # Lost while waiting (its connection to the database ended) and not taken
+                    # back: a run in its name is stale for everyone else. Never start on it.
+                    progress.done()
+                    self._refuse(
+                        "pytest-runs: this session lost its liveness lock while it waited and cannot take it "
+                        "again; no test ran",
+                        EXIT_STORE_UNREACHABLE,
+                    )
                 try:
                     with self.stopper.deferred():
                         self.run = self._claim(store, run, busy_since)
                 except (InvalidTransition, RunEnded):
+                    changed = True
                     continue  # another session claimed that reservation first: look again
                 except StateError as error:
                     self._give_up(store, run, error)
@@ -314,7 +326,7 @@ class TrackedSession:
                 test_dir=self.run.test_dir,
                 test_dir_hash=self.run.test_dir_hash,
                 pytest_version=pytest.__version__,
-                args=list(self.config.invocation_params.args),
+                args=[mask_url(str(arg)) for arg in self.config.invocation_params.args],
                 host=self.owner.host,
                 pid=self.owner.pid,
             )

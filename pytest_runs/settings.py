@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ __all__ = [
     "STORE_ENV",
     "check_machine_name",
     "default_state_dir",
+    "mask_url",
     "parse_keep",
     "parse_seconds",
     "resolve_state_dir",
@@ -91,6 +93,11 @@ def split_store(given: str | None) -> tuple[str | None, Path | None]:
     if not given:
         return None, None
     if given.startswith(("postgresql://", "postgres://")):
+        try:
+            parts = urllib.parse.urlsplit(given)
+            _ = parts.port  # a bad port or address is found here, not deep inside a session
+        except ValueError as error:
+            raise ValueError(f"store {mask_url(given)} is not a valid URL: {error}") from None
         return given, None
     if given.startswith("file:"):
         path = given.removeprefix("file:")
@@ -101,3 +108,16 @@ def split_store(given: str | None) -> tuple[str | None, Path | None]:
         where = given.split("@")[-1]  # never the credentials
         raise ValueError(f"store {where!r}: unknown kind {scheme!r}; use postgresql://..., file:PATH or a path")
     return None, Path(given).expanduser()
+
+
+_URL_IN_TEXT = re.compile(r"(postgres(?:ql)?://)([^\s@/]*)@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of any database URL in it replaced by ``***``."""
+
+    def masked(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user}{':***' if colon else ''}@"
+
+    return _URL_IN_TEXT.sub(masked, text)

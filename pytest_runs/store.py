@@ -315,27 +315,33 @@ class Store:
             line = self._live_waiters(tx)
             active = {run.machine: run for run in tx.active() if run.machine in names}
             token = wait_as.token if wait_as is not None else None
+            same_tests: Run | None = None
             for name in names:
                 run = active.get(name)
+                if run is None or run.test_dir_hash != test_dir_hash:
+                    continue
                 # A pending run in another live session's name (handed to a waiter, or just
                 # created by a session about to claim it) is its own, even for the same tests.
-                theirs = run is not None and run.status is Status.PENDING and run.owner_token not in ("", token)
-                if run is not None and run.test_dir_hash == test_dir_hash and not theirs:
+                if run.status is Status.PENDING and run.owner_token not in ("", token):
+                    continue
+                if run.status is Status.PENDING or wait_as is None:
                     if token:
                         tx.remove_waiter(token)
                     return Prepared(PrepareOutcome.REUSE, run)
+                same_tests = same_tests or run  # running: a waiter keeps (or takes) its place in line
             order = serve_order(line)
             mine = next((index for index, waiter in enumerate(order) if waiter.token == token), None)
             for name in names:
-                if name not in active:  # free, and no live waiter wants it
+                if name not in active and same_tests is None:  # free, and no live waiter wants it
                     run = _made(mk, name, test_dir_hash)
                     self._add(tx, run, tx.latest_id())
                     if token:
                         tx.remove_waiter(token)
                     return Prepared(PrepareOutcome.CREATED, dataclasses.replace(run))
-            holder = active[names[0]]
+            holder = same_tests or active[names[0]]
+            outcome = PrepareOutcome.REUSE if same_tests is not None else PrepareOutcome.BUSY
             if wait_as is None:
-                return Prepared(PrepareOutcome.BUSY, holder)
+                return Prepared(outcome, holder)
             known = order[mine] if mine is not None else None
             entry = known
             if known is None or known.machines != names or known.priority != wait_as.priority or _beat_due(known, now):
@@ -346,7 +352,7 @@ class Store:
                 tx.put_waiter(entry)
             assert entry is not None
             others = [waiter for waiter in line if waiter.token != token]
-            return Prepared(PrepareOutcome.BUSY, holder, place_in_line([*others, entry], entry.token))
+            return Prepared(outcome, holder, place_in_line([*others, entry], entry.token))
 
     def leave_queue(self, token: str) -> None:
         """A waiter gives up: out of the line at once, and a machine just handed to it goes to the next."""

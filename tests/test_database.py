@@ -343,3 +343,36 @@ def test_a_server_restart_mid_session(
         assert [run.status for run in runs] == [Status.COMPLETED]
     else:
         assert sorted(run.error_code for run in runs) == ["", "owner_lost"]
+
+
+def test_the_password_never_reaches_the_run_log(pg_url: str, tmp_path: Path, sessions: list[Session]) -> None:
+    with_password = pg_url.replace("postgresql://", "postgresql://root:s3cr3t-pw@")
+    session = start("one", make_project(tmp_path / "p"), tmp_path / "state", f"--runs-store={with_password}",
+                    released=True)  # fmt: skip
+    sessions.append(session)
+    code, output = session.finish()
+    assert code == 0, output
+    logs = list((tmp_path / "state" / "runs").glob("*/log.jsonl"))
+    assert logs and all("s3cr3t" not in log.read_text() for log in logs)
+    assert "root:***@" in logs[0].read_text()
+    assert "s3cr3t" not in output
+
+
+def test_a_malformed_store_url_is_one_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_one(): pass")
+    result = pytester.runpytest_subprocess("--runs-machine=rig-1", "--runs-store=postgresql://root:pw@[::1:5432/test")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*store postgresql://root:***@[[]::1:5432/test is not a valid URL: Invalid IPv6 URL*"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    command = subprocess.run([sys.executable, "-m", "pytest_runs", "--store", "postgresql://u:pw@[::1/x", "list"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert command.returncode == 2 and "pw" not in command.stderr and len(command.stderr.splitlines()) == 1
+
+
+def test_odd_values_on_the_database(pg_url: str, tmp_path: Path) -> None:
+    store = db_store(pg_url, tmp_path)
+    long_name = "m" * 10_000
+    run = store.create(Run(machine=long_name, status=Status.COMPLETED))
+    assert store.get(run.id).machine == long_name, "NOTIFY's payload limit does not apply"
+    with pytest.raises(ValueError, match="cannot hold this value"):
+        store.create(Run(machine="rig-\udcff", status=Status.COMPLETED))

@@ -328,3 +328,18 @@ def test_a_machine_handed_to_a_waiter_is_not_taken_by_others_with_the_same_tests
     assert outcome is PrepareOutcome.BUSY, "nor by a session that does not wait"
     assert serve(store, first).owner_host == "first"
     assert serve(store, second).owner_host == "second"
+
+
+def test_waiters_for_the_same_tests_keep_their_places(store: Store, locks: list[OwnerLock]) -> None:
+    run, _ = store.prepare_atomic("rig-1", "h-same", Run)
+    holder = store.start(run.id)
+    line = [waiter(store, locks, f"w{i}") for i in range(1, 4)]
+    for place, who in enumerate(line, 1):
+        who.run.test_dir_hash = "h-same"  # one test folder, dispatched again and again
+        outcome, running, at = look(store, who)
+        assert (outcome, running.id, at) == (PrepareOutcome.REUSE, holder.id, place), "the same tests, in line"
+    assert [w.run.owner_host for w in store.queue()] == ["w1", "w2", "w3"]
+    store.finish(holder.id, Status.COMPLETED)
+    for later in reversed(line[1:]):
+        assert look(store, later)[0] is PrepareOutcome.BUSY, "the machine went to the first in line"
+    assert [serve(store, who).owner_host for who in line] == ["w1", "w2", "w3"]
