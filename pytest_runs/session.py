@@ -207,6 +207,7 @@ class TrackedSession:
                 store.lock_timeout = max(0.1, min(settings.lock_timeout, settings.wait_timeout - waited))
             try:
                 if changed or prepared is None or time.monotonic() >= look_by:
+                    self._still_alive()
                     with self.stopper.deferred():
                         prepared = store.prepare(
                             settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as
@@ -224,15 +225,7 @@ class TrackedSession:
             # A pending run for exactly these tests is a reservation: claim it.
             reserved = outcome is PrepareOutcome.REUSE and run.status is Status.PENDING
             if outcome is PrepareOutcome.CREATED or reserved:
-                if self.liveness is not None and not self.liveness.still_held():
-                    # Lost while waiting (its connection to the database ended) and not taken
-                    # back: a run in its name is stale for everyone else. Never start on it.
-                    progress.done()
-                    self._refuse(
-                        "pytest-runs: this session lost its liveness lock while it waited and cannot take it "
-                        "again; no test ran",
-                        EXIT_STORE_UNREACHABLE,
-                    )
+                self._still_alive(progress)
                 try:
                     with self.stopper.deferred():
                         self.run = self._claim(store, run, busy_since)
@@ -279,6 +272,21 @@ class TrackedSession:
             except StateError:
                 time.sleep(pause)
                 changed = True
+
+    def _still_alive(self, progress: _WaitProgress | None = None) -> None:
+        """Before each look and each claim: hold the liveness lock, taking it back if it was lost.
+
+        A waiter's lock can be lost while it waits (its connection to the database ended); a run
+        in its name is then stale for everyone else, so it must never start on one.
+        """
+        if self.liveness is not None and not self.liveness.still_held():
+            if progress is not None:
+                progress.done()
+            self._refuse(
+                "pytest-runs: this session lost its liveness lock while it waited and cannot take it again; "
+                "no test ran",
+                EXIT_STORE_UNREACHABLE,
+            )
 
     def _refuse(self, message: str, status: int = EXIT_BUSY) -> NoReturn:
         """No test runs: exit with ``status`` (:data:`EXIT_BUSY`), saying why once."""

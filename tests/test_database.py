@@ -376,3 +376,46 @@ def test_odd_values_on_the_database(pg_url: str, tmp_path: Path) -> None:
     assert store.get(run.id).machine == long_name, "NOTIFY's payload limit does not apply"
     with pytest.raises(ValueError, match="cannot hold this value"):
         store.create(Run(machine="rig-\udcff", status=Status.COMPLETED))
+
+
+LOCK_HELD = """
+import os, pathlib, psycopg
+from pytest_runs.store import open_store
+
+def test_my_liveness_lock_is_held():
+    url = os.environ["STORE_URL"]
+    reader = open_store(pathlib.Path(os.environ["RELEASE_FILE"]).parent / "reader", url)
+    run = reader.get(os.environ["PYTEST_RUNS_RUN_ID"])
+    value = int(run.owner_token[:16], 16)
+    with psycopg.connect(url.split("?")[0]) as conn:
+        (held,) = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND classid = %s AND objid = %s", (value >> 32, value & 0xFFFFFFFF)).fetchone()
+    pathlib.Path(os.environ["VERDICT"]).write_text("held" if held else "free")
+"""
+
+
+def test_a_waiter_whose_liveness_connection_died_takes_its_lock_back_before_it_starts(
+    pg_url: str, tmp_path: Path, sessions: list[Session]
+) -> None:
+    state = tmp_path / "state"
+    holder = start("holder", make_project(tmp_path / "h"), state, f"--runs-store={pg_url}")
+    sessions.append(holder)
+    wait_for(holder.started, holder)
+    waiter = start("waiter", make_project(tmp_path / "w", LOCK_HELD), state, f"--runs-store={pg_url}",
+                   "--runs-on-busy=wait", "--runs-wait-timeout=120", released=True,
+                   env={"STORE_URL": pg_url, "VERDICT": str(tmp_path / "verdict")})  # fmt: skip
+    sessions.append(waiter)
+    store = db_store(pg_url, tmp_path)
+    deadline = time.monotonic() + 60
+    while not store.queue():
+        assert time.monotonic() < deadline and waiter.process.poll() is None, waiter.output()
+        time.sleep(0.05)
+    (in_line,) = store.queue()
+    with connection(pg_url) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (liveness_backend(pg_url, in_line.as_owner()),))
+    holder.release.write_text("go")
+    assert holder.finish()[0] == 0
+    code, output = waiter.finish()
+    assert code == 0, output
+    assert (tmp_path / "verdict").read_text() == "held", "its tests ran while it held its liveness lock"
