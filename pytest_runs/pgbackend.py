@@ -602,6 +602,10 @@ class PgOwnerLock:
     def _close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
+                # Let go before closing: the server drops a closed session's locks a moment
+                # later, and a reader asking right away must already find the lock free.
+                self._conn.execute("SELECT pg_advisory_unlock_all()")
+            with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
 
