@@ -64,7 +64,7 @@ from typing import Any
 
 from . import liveness
 from .errors import StateError, StoreLocked
-from .model import Run, run_created_at, run_order
+from .model import Run, in_run_order, run_created_at, run_order
 from .owner import boot_id
 from .queue import Waiter
 from .storelock import StoreLock
@@ -681,9 +681,9 @@ class FileTransaction:
             yield from self._forwards(machine)
 
     def newest_first(self) -> Iterator[Run]:
-        streams: list[Iterator[Run]] = [iter(sorted(self.active(), key=_by_id, reverse=True))]
+        streams: list[Iterator[Run]] = [iter(sorted(self.active(), key=in_run_order, reverse=True))]
         streams.extend(self._backwards(machine) for machine in self._touched_or_kept())
-        return heapq.merge(*streams, key=_by_id, reverse=True)
+        return heapq.merge(*streams, key=in_run_order, reverse=True)
 
     # -- the line of waiters ----------------------------------------------------------
 
@@ -757,7 +757,7 @@ class FileTransaction:
                 self._rewritten[machine] = [run for run in records if run.id not in ids]
 
     def _append(self, run: Run) -> None:
-        bisect.insort(self._appended.setdefault(run.machine, []), run, key=_by_id)
+        bisect.insort(self._appended.setdefault(run.machine, []), run, key=in_run_order)
 
     def _cut_head(self, machine: str, ids: set[str]) -> None:
         """Drop doomed runs that are the oldest committed ones by moving the head; leave the rest in ``ids``."""
@@ -795,7 +795,7 @@ class FileTransaction:
             if machine in self._rewritten or segment is None:
                 if segment is not None:
                     replaced.add(segment.file)
-                records = sorted(self._rewritten.get(machine, []) + appended, key=_by_id)
+                records = sorted(self._rewritten.get(machine, []) + appended, key=in_run_order)
                 if not records:
                     history.pop(machine, None)
                     continue
@@ -841,7 +841,7 @@ class FileTransaction:
 
     def _forwards(self, machine: str, limit: int | None = None) -> Iterator[Run]:
         appended = (_copy(run) for run in self._appended.get(machine, []))
-        return heapq.merge(self._committed_forwards(machine, limit), appended, key=_by_id)
+        return heapq.merge(self._committed_forwards(machine, limit), appended, key=in_run_order)
 
     def _committed_forwards(self, machine: str, limit: int | None = None) -> Iterator[Run]:
         if machine in self._rewritten:
@@ -857,7 +857,7 @@ class FileTransaction:
 
     def _backwards(self, machine: str) -> Iterator[Run]:
         appended = (_copy(run) for run in reversed(self._appended.get(machine, [])))
-        return heapq.merge(appended, self._committed_backwards(machine), key=_by_id, reverse=True)
+        return heapq.merge(appended, self._committed_backwards(machine), key=in_run_order, reverse=True)
 
     def _committed_backwards(self, machine: str) -> Iterator[Run]:
         if machine in self._rewritten:
@@ -1024,10 +1024,6 @@ def _copy(run: Run) -> Run:
         duplicate.summary = copy.deepcopy(run.summary)
     duplicate.unknown_keys = copy.deepcopy(run.unknown_keys) if run.unknown_keys else {}
     return duplicate
-
-
-def _by_id(run: Run) -> tuple[bool, str]:
-    return run_order(run.id)
 
 
 # -- files ------------------------------------------------------------------------------

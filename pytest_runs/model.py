@@ -21,6 +21,7 @@ __all__ = [
     "Run",
     "Status",
     "format_timestamp",
+    "in_run_order",
     "parse_timestamp",
     "run_created_at",
     "run_order",
@@ -93,6 +94,11 @@ def run_created_at(run_id: str) -> datetime | None:
 def run_order(run_id: str) -> tuple[bool, str]:
     """The order of runs: IDs this store generated, in creation order, after any others (imported ones)."""
     return _GENERATED_ID.match(run_id) is not None, run_id
+
+
+def in_run_order(run: Run) -> tuple[bool, str]:
+    """:func:`run_order` of a run, as a sort key."""
+    return run_order(run.id)
 
 
 # Keys written only when they hold a value, so that the JSON of a plain single run

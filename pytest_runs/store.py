@@ -43,7 +43,7 @@ from .filebackend import (
 )
 from .hashing import HashCache
 from .liveness import DEFAULT_LEASE
-from .model import PrepareOutcome, Run, Status, run_created_at, run_order
+from .model import PrepareOutcome, Run, Status, in_run_order, run_created_at
 from .owner import Owner, describe_owner
 from .queue import Waiter, place_in_line, serve_order
 from .settings import DEFAULT_LOCK_TIMEOUT
@@ -216,7 +216,7 @@ class Store:
     def list(self) -> RunList:
         """Every run, in insertion order. Reads the whole history: see :meth:`recent`."""
         with self._transaction(write=False) as tx:
-            return sorted(itertools.chain(tx.active(), tx.ended()), key=_by_id)
+            return sorted(itertools.chain(tx.active(), tx.ended()), key=in_run_order)
 
     def recent(
         self,
@@ -517,7 +517,7 @@ class Store:
             else:
                 assert cutoff is not None
                 doomed = [r for r in tx.ended() if r.ended_at is not None and r.ended_at < cutoff]
-            doomed.sort(key=_by_id)
+            doomed.sort(key=in_run_order)
             if not dry_run:
                 if doomed:
                     tx.delete(doomed)
@@ -723,10 +723,6 @@ def _active(runs: RunList, machine: str) -> Run | None:
 
 def _ended_of(tx: Transaction, machine: str) -> RunList:
     return tx.oldest_ended(machine, tx.ended_count(machine))
-
-
-def _by_id(run: Run) -> tuple[bool, str]:
-    return run_order(run.id)
 
 
 def _apply(run: Run, **changes: Any) -> None:

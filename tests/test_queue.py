@@ -230,14 +230,20 @@ def waiting_session(
                  *args, env={"SPANS": str(spans), "NAME": name}, machine=machine, released=True)  # fmt: skip
 
 
+def holding_session(tmp_path: Path, url: str | None, started: list[Session]) -> Session:
+    """A session that holds rig-1 until its release file appears."""
+    store_args = [f"--runs-store={url}"] if url else []
+    holder = start("holder", make_project(tmp_path / "holder", HOLD), tmp_path / "state", *store_args)
+    started.append(holder)
+    wait_for(holder.started, holder)
+    return holder
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_sessions_are_served_in_the_order_they_came(
     tmp_path: Path, url: str | None, store: Store, sessions: list[Session], trial: int
 ) -> None:
-    store_args = [f"--runs-store={url}"] if url else []
-    holder = start("holder", make_project(tmp_path / "holder", HOLD), tmp_path / "state", *store_args)
-    sessions.append(holder)
-    wait_for(holder.started, holder)
+    holder = holding_session(tmp_path, url, sessions)
     spans = tmp_path / "spans.jsonl"
     names = ["w1", "w2", "w3", "w4"]
     for count, name in enumerate(names, 1):
@@ -253,10 +259,7 @@ def test_sessions_are_served_in_the_order_they_came(
 def test_priority_jumps_the_line_and_a_killed_waiter_blocks_nobody(
     tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
 ) -> None:
-    store_args = [f"--runs-store={url}"] if url else []
-    holder = start("holder", make_project(tmp_path / "holder", HOLD), tmp_path / "state", *store_args)
-    sessions.append(holder)
-    wait_for(holder.started, holder)
+    holder = holding_session(tmp_path, url, sessions)
     spans = tmp_path / "spans.jsonl"
     plan: list[tuple[str, tuple[str, ...]]] = [("a", ()), ("doomed", ()), ("b", ()), ("urgent", ("--runs-priority=5",))]
     for count, (name, args) in enumerate(plan, 1):
