@@ -67,7 +67,7 @@ from .errors import StateError, StoreLocked
 from .model import Run, in_run_order, run_created_at, run_order
 from .owner import boot_id
 from .queue import Waiter
-from .storelock import StoreLock
+from .storelock import StoreLock, describe_holders
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileBackend", "lock_holders"]
 
@@ -578,14 +578,14 @@ class FileBackend:
 
     def _locked_out(self) -> StoreLocked:
         holders = lock_holders(self.lock_path)
+        advice = "if that process is stuck, stop it"
         if holders == [os.getpid()]:
             # Another Store on this dir, used inside a critical section of this one?
             who = f" by this process (PID {os.getpid()}), through another Store object,"
         else:
-            who = f" by PID {', '.join(map(str, holders))}" if holders else ""
+            holders, who, advice = describe_holders(self.lock_path, holders)
         return StoreLocked(
-            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:.3g}s; "
-            "if that process is stuck, stop it",
+            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:.3g}s; {advice}",
             holders,
         )
 
