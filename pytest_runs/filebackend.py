@@ -17,6 +17,9 @@ A commit writes the whole state into the slot that does not hold the current one
 flushes it with ``fdatasync``: one flush, no rename. A reader takes the slot with the
 higher sequence number among those whose digest matches; a write cut short by a kill or a
 power cut fails its digest, and the other slot still holds the state committed before it.
+A heartbeat's commit is not flushed (its loss only makes a run look a little older): its
+slot's header says ``"flushed": false``, and the next commit writes over that slot again,
+so that the other one keeps the newest flushed state until a flushed commit replaces it.
 Ended runs go to their machine's history file first: appended past its committed size and
 flushed, then committed with the state. Bytes past a history's committed size are not part
 of the store; the next writer cuts them off. A machine holds one active run at a time, so
@@ -128,6 +131,9 @@ class _State:
     #: The slot holding this state, and its sequence number; the next commit takes the other slot.
     slot: int = 1
     seq: int = 0
+    #: Whether that slot was flushed when it was written: if not (a heartbeat's commit), the
+    #: other slot holds the newest flushed state, and the next commit writes over this one.
+    flushed: bool = True
     latest_id: str | None = None
     fences: dict[str, int] = dataclasses.field(default_factory=dict)
     history: dict[str, _Segment] = dataclasses.field(default_factory=dict)
@@ -231,7 +237,7 @@ class FileBackend:
                     transaction.changed = True  # the upgrade happens on first use, read or write
                 yield transaction
                 if transaction.changed:
-                    transaction.commit()
+                    transaction.commit(durable=durable)
             finally:
                 self._file_lock.release()
         finally:
@@ -252,11 +258,11 @@ class FileBackend:
                 )
             return _State()
         document = _load_document(raw, path)
-        newest: tuple[int, int, bytes] | None = None
+        newest: tuple[int, int, bytes, bool] | None = None
         for slot in (0, 1):
             found = self._read_slot(slot)
             if found is not None and (newest is None or found[0] > newest[0]):
-                newest = (found[0], slot, found[1])
+                newest = (found[0], slot, found[1], found[2])
         if document["version"] < FORMAT_VERSION:
             # Slots beside an older runs.json are an upgrade cut short (seq 1 in slot 0, no
             # slot 1: redone from runs.json), or a newer store whose runs.json was replaced
@@ -277,9 +283,9 @@ class FileBackend:
                 return _State(marker=True)
             present = " and ".join(str(slot) for slot in slots if os.path.lexists(slot))
             raise StateError(f"state file {path} keeps the runs in {present}, but none holds a complete state")
-        seq, slot, body = newest
+        seq, slot, body, flushed = newest
         state = _decode_body(_load_document(body, self.slot_path(slot)), self.slot_path(slot))
-        state.marker, state.slot, state.seq = True, slot, seq
+        state.marker, state.slot, state.seq, state.flushed = True, slot, seq, flushed
         return state
 
     def committed_document(self) -> dict[str, Any]:
@@ -294,8 +300,8 @@ class FileBackend:
     def _slot_paths(self) -> tuple[Path, Path]:
         return self.slot_path(0), self.slot_path(1)
 
-    def _read_slot(self, slot: int) -> tuple[int, bytes] | None:
-        """A slot's sequence number and state, or ``None`` if it is missing or its write never completed."""
+    def _read_slot(self, slot: int) -> tuple[int, bytes, bool] | None:
+        """A slot's sequence number, state and whether it was flushed; ``None`` if missing or never completed."""
         raw = _read_file(self.slot_path(slot), "state file")
         if raw is None:
             return None
@@ -310,7 +316,7 @@ class FileBackend:
         body = body[:length]
         if hashlib.blake2b(body, digest_size=16).hexdigest() != digest:
             return None  # torn: a writer was killed or the power cut while it wrote
-        return seq, body
+        return seq, body, fields.get("flushed") is not False
 
     def read_region(self, segment: _Segment, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a history file, checking it still holds its committed part."""
@@ -426,12 +432,20 @@ class FileBackend:
 
     # -- writing ----------------------------------------------------------------------
 
-    def write_state(self, state: _State) -> None:
-        """Commit ``state``: into the older slot, or for a new or upgraded store, the slots then ``runs.json``."""
+    def write_state(self, state: _State, *, durable: bool = True) -> None:
+        """Commit ``state``: into the older slot, or for a new or upgraded store, the slots then ``runs.json``.
+
+        ``durable=False`` (a heartbeat) skips the slot's flush. Such a slot may be lost in a
+        power cut, so the other slot must keep the newest flushed state: the commit after an
+        unflushed one writes over that same slot (flushing it or not) instead of the other.
+        At every moment one slot holds a flushed state, and a power cut loses at most the
+        unflushed commits made since.
+        """
         body = _encode_state(state)
         if state.marker:
-            self._write_slot(1 - state.slot, state.seq + 1, body)
-            state.slot, state.seq = 1 - state.slot, state.seq + 1
+            slot = 1 - state.slot if state.flushed else state.slot
+            self._write_slot(slot, state.seq + 1, body, flush=durable)
+            state.slot, state.seq, state.flushed = slot, state.seq + 1, durable
             return
         # A slot of an earlier attempt that failed before runs.json changed could be newer.
         with contextlib.suppress(FileNotFoundError):
@@ -446,10 +460,13 @@ class FileBackend:
             self._write_marker(state)
         state.marker, state.slot, state.seq = True, 0, 1
 
-    def _write_slot(self, slot: int, seq: int, body: bytes) -> None:
+    def _write_slot(self, slot: int, seq: int, body: bytes, *, flush: bool = True) -> None:
         path = self.slot_path(slot)
         digest = hashlib.blake2b(body, digest_size=16).hexdigest()
-        data = json.dumps({"seq": seq, "length": len(body), "blake2b": digest}).encode() + b"\n" + body
+        header: dict[str, Any] = {"seq": seq, "length": len(body), "blake2b": digest}
+        if not flush:
+            header["flushed"] = False  # readers then keep the other slot, which was
+        data = json.dumps(header).encode() + b"\n" + body
         try:
             created = False
             try:
@@ -460,7 +477,8 @@ class FileBackend:
             try:
                 _write_all(fd, data, 0)
                 os.ftruncate(fd, len(data))
-                os.fdatasync(fd)
+                if flush:
+                    os.fdatasync(fd)
             except OSError:
                 _spoil(fd, len(data))
                 raise
@@ -775,7 +793,8 @@ class FileTransaction:
 
     # -- commit -----------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, *, durable: bool = True) -> None:
+        """Write the changes: history first (always flushed), then the state (flushed if ``durable``)."""
         backend = self.backend
         state = self.state
         history = dict(state.history)
@@ -825,7 +844,7 @@ class FileTransaction:
             fsync_dir(backend.history_dir)
         upgrading = state.version < FORMAT_VERSION
         state.history = history
-        backend.write_state(state)
+        backend.write_state(state, durable=durable)
         self._appended, self._rewritten, self._cut = {}, {}, {}
         if upgrading or replaced:
             backend.remove_unreferenced_history({segment.file for segment in history.values()})

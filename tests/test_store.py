@@ -31,6 +31,7 @@ from pytest_runs import (
     StoreLocked,
 )
 from pytest_runs.filebackend import FileBackend, FileTransaction
+from pytest_runs.owner import Owner
 from pytest_runs.store import FORMAT_VERSION, open_store
 
 #: Every kind of store the contract tests run against: the JSON files, new and upgraded from
@@ -440,6 +441,46 @@ def test_writes_are_flushed_before_they_return(store: Store, monkeypatch: pytest
     synced.clear()
     store.list()
     assert synced == [], "a read must not write"
+
+
+@file_only
+def test_heartbeats_skip_the_flush_and_a_power_cut_can_lose_only_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = Owner.current()
+    run, _ = store.prepare_atomic("rig-1", "h1", lambda: Run(**owner.run_fields()))
+    store.create(pending(machine="rig-2"))  # both slots exist: no new file, no folder flush
+    claimed = store.start(run.id, **owner.run_fields())
+    slots = sorted(store.state_dir.glob("runs.state.*"))
+    after_claim = {slot: slot.read_bytes() for slot in slots}
+    flushes: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def counting(name: str, real: Callable[[int], None]) -> Callable[[int], None]:
+        def flush(fd: int) -> None:
+            flushes.append(f"{name} {os.readlink(f'/proc/self/fd/{fd}')}")
+            real(fd)
+
+        return flush
+
+    monkeypatch.setattr(os, "fsync", counting("fsync", real_fsync))
+    monkeypatch.setattr(os, "fdatasync", counting("fdatasync", real_fdatasync))
+    beats = [store.heartbeat(run.id, owner) for _ in range(5)]
+    assert flushes == [], "a heartbeat's commit is not flushed"
+    assert store.get(run.id) == beats[-1], "yet every reader sees it at once"
+    written = [slot for slot in slots if slot.read_bytes() != after_claim[slot]]
+    assert len(written) == 1, "every heartbeat went into one slot: the other keeps the claim, flushed"
+    # A power cut that loses the unflushed slot loses the heartbeats, and only them.
+    kept = written[0].read_bytes()
+    written[0].write_bytes(kept[: len(kept) // 2])
+    assert store.get(run.id) == claimed
+    written[0].write_bytes(kept)
+    store.finish(run.id, Status.COMPLETED, owner=owner)
+    assert flushes[-1] == f"fdatasync {written[0]}", "a finish still flushes: the state, over the unflushed slot"
+    assert flushes[:-1] and all("/history" in flush for flush in flushes[:-1]), "after its history line"
+    flushes.clear()
+    store.create(pending(machine="rig-3"))
+    assert len(flushes) == 1 and not flushes[0].endswith(written[0].name), "after a flushed commit: the other slot"
 
 
 @file_only
