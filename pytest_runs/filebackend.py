@@ -31,8 +31,11 @@ bounded number of times.
 
 So the hot path (prepare, claim, heartbeat, finish, release) reads and writes a state
 whose size depends on the active runs and the machines, never on history, and a finish
-appends one line. Listing the newest runs reads history files from their ends; finding
-an ended run by ID searches the history files' bytes and decodes one line.
+appends one line. Before a run takes or ends on a machine, its history file is checked
+cheaply (:meth:`FileBackend.check_history`: kind, size, a few bytes), so that a file cut,
+removed or replaced is refused before any test runs, never padded or re-created. Listing
+the newest runs reads history files from their ends; finding an ended run by ID searches
+the history files' bytes and decodes one line.
 
 Older formats (1 and 2: every run in ``runs.json``) are upgraded on first use, in one
 atomic step (the slots and history files first, then ``runs.json`` renamed into place),
@@ -90,6 +93,8 @@ _log = logging.getLogger("pytest_runs")
 # Every stored run has these, non-empty: a record without them is corrupt, not a default run.
 _REQUIRED_KEYS = ("id", "machine", "status")
 _HISTORY_FILE = re.compile(r"^[A-Za-z0-9._-]{1,120}\.jsonl$")
+# How every history line starts, as this module writes it (the ID is the contract's first key).
+_RECORD_START = b'{"id": '
 _READ_CHUNK = 1 << 18
 _FIRST_CHUNK = 1 << 13
 _CHANGE_POLL_SECONDS = 0.05
@@ -103,6 +108,23 @@ _MARKER = {
 
 def _oserror_text(error: OSError) -> str:
     return error.strerror or str(error)
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that should be a regular file is instead, in words."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def _zeros(found: bytes) -> str:
+    return " (zero bytes there: the file was cut, then padded or rewritten)" if found and not found.strip(b"\0") else ""
 
 
 @dataclasses.dataclass
@@ -327,22 +349,66 @@ class FileBackend:
             os.close(fd)
 
     def _open_history(self, segment: _Segment) -> int:
+        """A history file opened for reading, once it is a file at least as long as its committed part."""
         path = self.history_dir / segment.file
         if os.path.islink(self.history_dir):
             raise StateError(f"history folder {self.history_dir} is a symbolic link; refusing to use it")
+        runs = f"{segment.count} run{'' if segment.count == 1 else 's'}"
+        missing = f"history file {path} is missing; the store's state records {runs} in it"
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise StateError(missing) from None
+        except OSError as error:
+            raise StateError(f"cannot open history file {path}: {_oserror_text(error)}") from None
+        if not stat.S_ISREG(mode):
+            raise StateError(
+                f"history file {path} is not a regular file but {_file_kind(mode)}; the store's state records "
+                f"{runs} in it; refusing to use it"
+            )
         try:
             fd = open_regular_file(path, os.O_RDONLY, "history file")
         except FileNotFoundError:
-            raise StateError(
-                f"history file {path} is missing; the store's state records {segment.count} runs in it"
-            ) from None
-        if os.fstat(fd).st_size < segment.size:
+            raise StateError(missing) from None
+        size = os.fstat(fd).st_size
+        if size < segment.size:
             os.close(fd)
             raise StateError(
-                f"history file {path} is shorter than the {segment.size} bytes the store's state records; "
-                "it was cut or replaced"
+                f"history file {path} is shorter than the {segment.size} bytes the store's state records "
+                f"(it has {size}); it was cut or replaced"
             )
         return fd
+
+    def check_history(self, segment: _Segment) -> None:
+        """Make sure, cheaply, that a history file still holds its committed part, before it is relied on.
+
+        For the hot path (a run taking or ending on a machine): the file's kind and size,
+        that a run's record starts at the committed head and that one ends at the committed
+        size; a few bytes read, never the history. A file cut short, missing, replaced by a
+        symlink, a folder or a FIFO, or overwritten with other bytes is refused (StateError
+        naming it) and left untouched. Bytes changed in between are found by readers.
+        """
+        if segment.size <= segment.head:
+            return
+        path = self.history_dir / segment.file
+        fd = self._open_history(segment)
+        try:
+            first = os.pread(fd, len(_RECORD_START), segment.head)
+            last = os.pread(fd, 1, segment.size - 1)
+        except OSError as error:
+            raise StateError(f"cannot read history file {path}: {_oserror_text(error)}") from None
+        finally:
+            os.close(fd)
+        if first != _RECORD_START:
+            raise StateError(
+                f"history file {path} does not hold the runs the store's state records: no run record starts at "
+                f"byte {segment.head}{_zeros(first)}; it was overwritten or replaced"
+            )
+        if last != b"\n":
+            raise StateError(
+                f"history file {path} does not hold the runs the store's state records: no run record ends at "
+                f"byte {segment.size}{_zeros(last)}; it was overwritten or replaced"
+            )
 
     def find_line(self, segment: _Segment, run_id: str) -> Run | None:
         """The run with ``run_id`` in a history file, found in its bytes; one line decoded."""
@@ -532,8 +598,12 @@ class FileBackend:
             state.version = FORMAT_VERSION
 
     def append_history(self, segment: _Segment, data: bytes) -> None:
-        """Write ``data`` after the committed part of a history file and flush it (not yet committed)."""
-        fd = self._open_for_writing(segment.file)
+        """Write ``data`` after the committed part of a history file and flush it (not yet committed).
+
+        A file that no longer holds its committed part is refused first, never padded or re-created.
+        """
+        self.check_history(segment)
+        fd = self._open_for_writing(segment.file, create=False)
         try:
             # Bytes past the committed size belong to a writer killed before its commit.
             os.ftruncate(fd, segment.size)
@@ -569,10 +639,10 @@ class FileBackend:
             f"cannot write history file {self.history_dir / name}: {_oserror_text(error)}; the previous state is intact"
         )
 
-    def _open_for_writing(self, name: str, *, exclusive: bool = False) -> int:
+    def _open_for_writing(self, name: str, *, exclusive: bool = False, create: bool = True) -> int:
         make_private_dir(self.history_dir)
         path = self.history_dir / name
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0)
+        flags = os.O_WRONLY | (os.O_CREAT if create else 0) | (os.O_EXCL if exclusive else 0)
         try:
             return open_regular_file(path, flags, "history file")
         except FileNotFoundError as error:
@@ -620,6 +690,8 @@ class FileTransaction:
         self._appended: dict[str, list[Run]] = {}
         self._rewritten: dict[str, list[Run]] = {}
         self._cut: dict[str, tuple[int, int]] = {}
+        # Machines whose history file this transaction found sound (see check_history).
+        self._checked: set[str] = set()
         for run in state.legacy_ended:
             self._append(run)
         state.legacy_ended = []
@@ -736,6 +808,7 @@ class FileTransaction:
         if run.status.is_terminal:
             self._append(_copy(run))
         else:
+            self._check_history(run.machine)
             self.state.active.append(_copy(run))
         self.changed = True
 
@@ -743,6 +816,10 @@ class FileTransaction:
         self.changed = True
         for index, stored in enumerate(self.state.active):
             if stored.id == run.id:
+                if stored.status != run.status:
+                    # A run takes its machine or ends on it (a heartbeat does neither): no test
+                    # may start, nor a run end, on a machine whose history file lies.
+                    self._check_history(run.machine)
                 if run.status.is_terminal:
                     del self.state.active[index]
                     self._append(_copy(run))
@@ -851,6 +928,13 @@ class FileTransaction:
 
     # -- internals --------------------------------------------------------------------
 
+    def _check_history(self, machine: str) -> None:
+        segment = self.state.history.get(machine)
+        if segment is None or machine in self._checked or machine in self._rewritten:
+            return
+        self.backend.check_history(self._live(machine, segment))
+        self._checked.add(machine)
+
     def _touched_or_kept(self) -> set[str]:
         return set(self.state.history) | set(self._appended) | set(self._rewritten)
 
@@ -913,11 +997,31 @@ def _load_json(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StateError(f"{what} is not valid JSON ({error})") from None
+        raise StateError(f"{what} is not valid JSON ({_json_problem(raw, error)})") from None
     except (ValueError, RecursionError) as error:
         # A number of thousands of digits, or nesting deeper than Python's stack.
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
         raise StateError(f"{what} cannot be read: {reason}") from None
+
+
+def _json_problem(raw: bytes, error: ValueError) -> str:
+    """What is wrong with bytes that are not JSON, in words (not a codec's or a parser's)."""
+    if (zero := raw.find(0)) >= 0 and not raw[zero:].strip(b"\0"):
+        return f"zero bytes from its byte {zero} on: the file was cut, then padded or overwritten"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"its byte {bad.start} is not UTF-8 text: binary data where text should be"
+    if zero >= 0:
+        return f"a zero byte at its byte {zero}: binary data where text should be"
+    if not isinstance(error, json.JSONDecodeError):
+        return "it is not UTF-8 text"
+    where = f"line {error.lineno} column {error.colno}"
+    if error.msg.startswith("Invalid control character"):
+        return f"a control character (code {ord(error.doc[error.pos])}) inside a string at {where}"
+    if error.msg == "Extra data":
+        return f"more after the end of the JSON value, at {where}"
+    return f"{error.msg.removesuffix(' at').removesuffix(' starting at').lower()} at {where}"
 
 
 def _encode_state(state: _State) -> bytes:
