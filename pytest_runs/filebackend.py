@@ -17,6 +17,9 @@ A commit writes the whole state into the slot that does not hold the current one
 flushes it with ``fdatasync``: one flush, no rename. A reader takes the slot with the
 higher sequence number among those whose digest matches; a write cut short by a kill or a
 power cut fails its digest, and the other slot still holds the state committed before it.
+A heartbeat's commit is not flushed (its loss only makes a run look a little older): its
+slot's header says ``"flushed": false``, and the next commit writes over that slot again,
+so that the other one keeps the newest flushed state until a flushed commit replaces it.
 Ended runs go to their machine's history file first: appended past its committed size and
 flushed, then committed with the state. Bytes past a history's committed size are not part
 of the store; the next writer cuts them off. A machine holds one active run at a time, so
@@ -28,8 +31,11 @@ bounded number of times.
 
 So the hot path (prepare, claim, heartbeat, finish, release) reads and writes a state
 whose size depends on the active runs and the machines, never on history, and a finish
-appends one line. Listing the newest runs reads history files from their ends; finding
-an ended run by ID searches the history files' bytes and decodes one line.
+appends one line. Before a run takes or ends on a machine, its history file is checked
+cheaply (:meth:`FileBackend.check_history`: kind, size, a few bytes), so that a file cut,
+removed or replaced is refused before any test runs, never padded or re-created. Listing
+the newest runs reads history files from their ends; finding an ended run by ID searches
+the history files' bytes and decodes one line.
 
 Older formats (1 and 2: every run in ``runs.json``) are upgraded on first use, in one
 atomic step (the slots and history files first, then ``runs.json`` renamed into place),
@@ -67,7 +73,7 @@ from .errors import StateError, StoreLocked
 from .model import Run, in_run_order, run_created_at, run_order
 from .owner import boot_id
 from .queue import Waiter
-from .storelock import StoreLock
+from .storelock import StoreLock, describe_holders
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileBackend", "lock_holders"]
 
@@ -87,6 +93,8 @@ _log = logging.getLogger("pytest_runs")
 # Every stored run has these, non-empty: a record without them is corrupt, not a default run.
 _REQUIRED_KEYS = ("id", "machine", "status")
 _HISTORY_FILE = re.compile(r"^[A-Za-z0-9._-]{1,120}\.jsonl$")
+# How every history line starts, as this module writes it (the ID is the contract's first key).
+_RECORD_START = b'{"id": '
 _READ_CHUNK = 1 << 18
 _FIRST_CHUNK = 1 << 13
 _CHANGE_POLL_SECONDS = 0.05
@@ -100,6 +108,23 @@ _MARKER = {
 
 def _oserror_text(error: OSError) -> str:
     return error.strerror or str(error)
+
+
+def _file_kind(mode: int) -> str:
+    """What a path that should be a regular file is instead, in words."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def _zeros(found: bytes) -> str:
+    return " (zero bytes there: the file was cut, then padded or rewritten)" if found and not found.strip(b"\0") else ""
 
 
 @dataclasses.dataclass
@@ -128,6 +153,9 @@ class _State:
     #: The slot holding this state, and its sequence number; the next commit takes the other slot.
     slot: int = 1
     seq: int = 0
+    #: Whether that slot was flushed when it was written: if not (a heartbeat's commit), the
+    #: other slot holds the newest flushed state, and the next commit writes over this one.
+    flushed: bool = True
     latest_id: str | None = None
     fences: dict[str, int] = dataclasses.field(default_factory=dict)
     history: dict[str, _Segment] = dataclasses.field(default_factory=dict)
@@ -231,7 +259,7 @@ class FileBackend:
                     transaction.changed = True  # the upgrade happens on first use, read or write
                 yield transaction
                 if transaction.changed:
-                    transaction.commit()
+                    transaction.commit(durable=durable)
             finally:
                 self._file_lock.release()
         finally:
@@ -252,11 +280,11 @@ class FileBackend:
                 )
             return _State()
         document = _load_document(raw, path)
-        newest: tuple[int, int, bytes] | None = None
+        newest: tuple[int, int, bytes, bool] | None = None
         for slot in (0, 1):
             found = self._read_slot(slot)
             if found is not None and (newest is None or found[0] > newest[0]):
-                newest = (found[0], slot, found[1])
+                newest = (found[0], slot, found[1], found[2])
         if document["version"] < FORMAT_VERSION:
             # Slots beside an older runs.json are an upgrade cut short (seq 1 in slot 0, no
             # slot 1: redone from runs.json), or a newer store whose runs.json was replaced
@@ -277,9 +305,9 @@ class FileBackend:
                 return _State(marker=True)
             present = " and ".join(str(slot) for slot in slots if os.path.lexists(slot))
             raise StateError(f"state file {path} keeps the runs in {present}, but none holds a complete state")
-        seq, slot, body = newest
+        seq, slot, body, flushed = newest
         state = _decode_body(_load_document(body, self.slot_path(slot)), self.slot_path(slot))
-        state.marker, state.slot, state.seq = True, slot, seq
+        state.marker, state.slot, state.seq, state.flushed = True, slot, seq, flushed
         return state
 
     def committed_document(self) -> dict[str, Any]:
@@ -294,8 +322,8 @@ class FileBackend:
     def _slot_paths(self) -> tuple[Path, Path]:
         return self.slot_path(0), self.slot_path(1)
 
-    def _read_slot(self, slot: int) -> tuple[int, bytes] | None:
-        """A slot's sequence number and state, or ``None`` if it is missing or its write never completed."""
+    def _read_slot(self, slot: int) -> tuple[int, bytes, bool] | None:
+        """A slot's sequence number, state and whether it was flushed; ``None`` if missing or never completed."""
         raw = _read_file(self.slot_path(slot), "state file")
         if raw is None:
             return None
@@ -310,7 +338,7 @@ class FileBackend:
         body = body[:length]
         if hashlib.blake2b(body, digest_size=16).hexdigest() != digest:
             return None  # torn: a writer was killed or the power cut while it wrote
-        return seq, body
+        return seq, body, fields.get("flushed") is not False
 
     def read_region(self, segment: _Segment, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a history file, checking it still holds its committed part."""
@@ -321,22 +349,66 @@ class FileBackend:
             os.close(fd)
 
     def _open_history(self, segment: _Segment) -> int:
+        """A history file opened for reading, once it is a file at least as long as its committed part."""
         path = self.history_dir / segment.file
         if os.path.islink(self.history_dir):
             raise StateError(f"history folder {self.history_dir} is a symbolic link; refusing to use it")
+        runs = f"{segment.count} run{'' if segment.count == 1 else 's'}"
+        missing = f"history file {path} is missing; the store's state records {runs} in it"
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise StateError(missing) from None
+        except OSError as error:
+            raise StateError(f"cannot open history file {path}: {_oserror_text(error)}") from None
+        if not stat.S_ISREG(mode):
+            raise StateError(
+                f"history file {path} is not a regular file but {_file_kind(mode)}; the store's state records "
+                f"{runs} in it; refusing to use it"
+            )
         try:
             fd = open_regular_file(path, os.O_RDONLY, "history file")
         except FileNotFoundError:
-            raise StateError(
-                f"history file {path} is missing; the store's state records {segment.count} runs in it"
-            ) from None
-        if os.fstat(fd).st_size < segment.size:
+            raise StateError(missing) from None
+        size = os.fstat(fd).st_size
+        if size < segment.size:
             os.close(fd)
             raise StateError(
-                f"history file {path} is shorter than the {segment.size} bytes the store's state records; "
-                "it was cut or replaced"
+                f"history file {path} is shorter than the {segment.size} bytes the store's state records "
+                f"(it has {size}); it was cut or replaced"
             )
         return fd
+
+    def check_history(self, segment: _Segment) -> None:
+        """Make sure, cheaply, that a history file still holds its committed part, before it is relied on.
+
+        For the hot path (a run taking or ending on a machine): the file's kind and size,
+        that a run's record starts at the committed head and that one ends at the committed
+        size; a few bytes read, never the history. A file cut short, missing, replaced by a
+        symlink, a folder or a FIFO, or overwritten with other bytes is refused (StateError
+        naming it) and left untouched. Bytes changed in between are found by readers.
+        """
+        if segment.size <= segment.head:
+            return
+        path = self.history_dir / segment.file
+        fd = self._open_history(segment)
+        try:
+            first = os.pread(fd, len(_RECORD_START), segment.head)
+            last = os.pread(fd, 1, segment.size - 1)
+        except OSError as error:
+            raise StateError(f"cannot read history file {path}: {_oserror_text(error)}") from None
+        finally:
+            os.close(fd)
+        if first != _RECORD_START:
+            raise StateError(
+                f"history file {path} does not hold the runs the store's state records: no run record starts at "
+                f"byte {segment.head}{_zeros(first)}; it was overwritten or replaced"
+            )
+        if last != b"\n":
+            raise StateError(
+                f"history file {path} does not hold the runs the store's state records: no run record ends at "
+                f"byte {segment.size}{_zeros(last)}; it was overwritten or replaced"
+            )
 
     def find_line(self, segment: _Segment, run_id: str) -> Run | None:
         """The run with ``run_id`` in a history file, found in its bytes; one line decoded."""
@@ -426,12 +498,20 @@ class FileBackend:
 
     # -- writing ----------------------------------------------------------------------
 
-    def write_state(self, state: _State) -> None:
-        """Commit ``state``: into the older slot, or for a new or upgraded store, the slots then ``runs.json``."""
+    def write_state(self, state: _State, *, durable: bool = True) -> None:
+        """Commit ``state``: into the older slot, or for a new or upgraded store, the slots then ``runs.json``.
+
+        ``durable=False`` (a heartbeat) skips the slot's flush. Such a slot may be lost in a
+        power cut, so the other slot must keep the newest flushed state: the commit after an
+        unflushed one writes over that same slot (flushing it or not) instead of the other.
+        At every moment one slot holds a flushed state, and a power cut loses at most the
+        unflushed commits made since.
+        """
         body = _encode_state(state)
         if state.marker:
-            self._write_slot(1 - state.slot, state.seq + 1, body)
-            state.slot, state.seq = 1 - state.slot, state.seq + 1
+            slot = 1 - state.slot if state.flushed else state.slot
+            self._write_slot(slot, state.seq + 1, body, flush=durable)
+            state.slot, state.seq, state.flushed = slot, state.seq + 1, durable
             return
         # A slot of an earlier attempt that failed before runs.json changed could be newer.
         with contextlib.suppress(FileNotFoundError):
@@ -446,10 +526,13 @@ class FileBackend:
             self._write_marker(state)
         state.marker, state.slot, state.seq = True, 0, 1
 
-    def _write_slot(self, slot: int, seq: int, body: bytes) -> None:
+    def _write_slot(self, slot: int, seq: int, body: bytes, *, flush: bool = True) -> None:
         path = self.slot_path(slot)
         digest = hashlib.blake2b(body, digest_size=16).hexdigest()
-        data = json.dumps({"seq": seq, "length": len(body), "blake2b": digest}).encode() + b"\n" + body
+        header: dict[str, Any] = {"seq": seq, "length": len(body), "blake2b": digest}
+        if not flush:
+            header["flushed"] = False  # readers then keep the other slot, which was
+        data = json.dumps(header).encode() + b"\n" + body
         try:
             created = False
             try:
@@ -460,7 +543,8 @@ class FileBackend:
             try:
                 _write_all(fd, data, 0)
                 os.ftruncate(fd, len(data))
-                os.fdatasync(fd)
+                if flush:
+                    os.fdatasync(fd)
             except OSError:
                 _spoil(fd, len(data))
                 raise
@@ -514,8 +598,12 @@ class FileBackend:
             state.version = FORMAT_VERSION
 
     def append_history(self, segment: _Segment, data: bytes) -> None:
-        """Write ``data`` after the committed part of a history file and flush it (not yet committed)."""
-        fd = self._open_for_writing(segment.file)
+        """Write ``data`` after the committed part of a history file and flush it (not yet committed).
+
+        A file that no longer holds its committed part is refused first, never padded or re-created.
+        """
+        self.check_history(segment)
+        fd = self._open_for_writing(segment.file, create=False)
         try:
             # Bytes past the committed size belong to a writer killed before its commit.
             os.ftruncate(fd, segment.size)
@@ -551,10 +639,10 @@ class FileBackend:
             f"cannot write history file {self.history_dir / name}: {_oserror_text(error)}; the previous state is intact"
         )
 
-    def _open_for_writing(self, name: str, *, exclusive: bool = False) -> int:
+    def _open_for_writing(self, name: str, *, exclusive: bool = False, create: bool = True) -> int:
         make_private_dir(self.history_dir)
         path = self.history_dir / name
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0)
+        flags = os.O_WRONLY | (os.O_CREAT if create else 0) | (os.O_EXCL if exclusive else 0)
         try:
             return open_regular_file(path, flags, "history file")
         except FileNotFoundError as error:
@@ -578,14 +666,14 @@ class FileBackend:
 
     def _locked_out(self) -> StoreLocked:
         holders = lock_holders(self.lock_path)
+        advice = "if that process is stuck, stop it"
         if holders == [os.getpid()]:
             # Another Store on this dir, used inside a critical section of this one?
             who = f" by this process (PID {os.getpid()}), through another Store object,"
         else:
-            who = f" by PID {', '.join(map(str, holders))}" if holders else ""
+            holders, who, advice = describe_holders(self.lock_path, holders)
         return StoreLocked(
-            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:.3g}s; "
-            "if that process is stuck, stop it",
+            f"store lock {self.lock_path} has been held{who} for more than {self.lock_timeout:.3g}s; {advice}",
             holders,
         )
 
@@ -602,6 +690,8 @@ class FileTransaction:
         self._appended: dict[str, list[Run]] = {}
         self._rewritten: dict[str, list[Run]] = {}
         self._cut: dict[str, tuple[int, int]] = {}
+        # Machines whose history file this transaction found sound (see check_history).
+        self._checked: set[str] = set()
         for run in state.legacy_ended:
             self._append(run)
         state.legacy_ended = []
@@ -718,6 +808,7 @@ class FileTransaction:
         if run.status.is_terminal:
             self._append(_copy(run))
         else:
+            self._check_history(run.machine)
             self.state.active.append(_copy(run))
         self.changed = True
 
@@ -725,6 +816,10 @@ class FileTransaction:
         self.changed = True
         for index, stored in enumerate(self.state.active):
             if stored.id == run.id:
+                if stored.status != run.status:
+                    # A run takes its machine or ends on it (a heartbeat does neither): no test
+                    # may start, nor a run end, on a machine whose history file lies.
+                    self._check_history(run.machine)
                 if run.status.is_terminal:
                     del self.state.active[index]
                     self._append(_copy(run))
@@ -775,7 +870,8 @@ class FileTransaction:
 
     # -- commit -----------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, *, durable: bool = True) -> None:
+        """Write the changes: history first (always flushed), then the state (flushed if ``durable``)."""
         backend = self.backend
         state = self.state
         history = dict(state.history)
@@ -825,12 +921,19 @@ class FileTransaction:
             fsync_dir(backend.history_dir)
         upgrading = state.version < FORMAT_VERSION
         state.history = history
-        backend.write_state(state)
+        backend.write_state(state, durable=durable)
         self._appended, self._rewritten, self._cut = {}, {}, {}
         if upgrading or replaced:
             backend.remove_unreferenced_history({segment.file for segment in history.values()})
 
     # -- internals --------------------------------------------------------------------
+
+    def _check_history(self, machine: str) -> None:
+        segment = self.state.history.get(machine)
+        if segment is None or machine in self._checked or machine in self._rewritten:
+            return
+        self.backend.check_history(self._live(machine, segment))
+        self._checked.add(machine)
 
     def _touched_or_kept(self) -> set[str]:
         return set(self.state.history) | set(self._appended) | set(self._rewritten)
@@ -894,11 +997,31 @@ def _load_json(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StateError(f"{what} is not valid JSON ({error})") from None
+        raise StateError(f"{what} is not valid JSON ({_json_problem(raw, error)})") from None
     except (ValueError, RecursionError) as error:
         # A number of thousands of digits, or nesting deeper than Python's stack.
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
         raise StateError(f"{what} cannot be read: {reason}") from None
+
+
+def _json_problem(raw: bytes, error: ValueError) -> str:
+    """What is wrong with bytes that are not JSON, in words (not a codec's or a parser's)."""
+    if (zero := raw.find(0)) >= 0 and not raw[zero:].strip(b"\0"):
+        return f"zero bytes from its byte {zero} on: the file was cut, then padded or overwritten"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"its byte {bad.start} is not UTF-8 text: binary data where text should be"
+    if zero >= 0:
+        return f"a zero byte at its byte {zero}: binary data where text should be"
+    if not isinstance(error, json.JSONDecodeError):
+        return "it is not UTF-8 text"
+    where = f"line {error.lineno} column {error.colno}"
+    if error.msg.startswith("Invalid control character"):
+        return f"a control character (code {ord(error.doc[error.pos])}) inside a string at {where}"
+    if error.msg == "Extra data":
+        return f"more after the end of the JSON value, at {where}"
+    return f"{error.msg.removesuffix(' at').removesuffix(' starting at').lower()} at {where}"
 
 
 def _encode_state(state: _State) -> bytes:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import hashlib
 import json
 import os
 import shlex
@@ -9,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -306,3 +310,131 @@ def test_a_disk_that_fills_during_the_session(tmp_path: Path) -> None:
     assert result.stderr.count("could not record the end of run") == 1
     assert "No space left on device" in result.stderr
     assert "its end could not be recorded" in result.stdout
+
+
+# -- history files that lie ---------------------------------------------------------------
+
+#: What can be put in place of a machine's history file. Each is refused before any test runs:
+#: the hot path checks the file's kind, its size and the bytes where its first and last
+#: committed records start and end (a few bytes read; bytes changed in between are found by
+#: the readers: `list`, `show`).
+LIES = ["cut", "cut-at-a-line", "zeros", "garbage", "missing", "symlink", "fifo", "folder"]
+_COMPLAINT = {
+    "cut": "is shorter than the * bytes the store's state records (it has *); it was cut or replaced",
+    "cut-at-a-line": "is shorter than the * bytes the store's state records (it has *); it was cut or replaced",
+    "zeros": "does not hold the runs the store's state records: no run record ends at byte * (zero bytes there*",
+    "garbage": "does not hold the runs the store's state records: no run record starts at byte 0; *",
+    "missing": "is missing; the store's state records 3 runs in it",
+    "symlink": "is not a regular file but a symbolic link; * refusing to use it",
+    "fifo": "is not a regular file but a FIFO (named pipe); * refusing to use it",
+    "folder": "is not a regular file but a folder; * refusing to use it",
+}
+
+
+def _history_with_a_lie(state: Path, lie: str, tmp_path: Path, *, running: bool = False) -> tuple[Path, Looks]:
+    """Rig-1's history (3 ended runs, and a running run if ``running``) with ``lie`` in its file's place.
+
+    Returns the file's path, and what must stay as it is: the file (or what is in its place),
+    and the state's slots.
+    """
+    store = Store(state)
+    for index in range(3):
+        store.create(Run(machine="rig-1", test_dir_hash=f"h{index}", status=Status.COMPLETED, exit_code=0))
+    if running:
+        run, _ = store.prepare_atomic("rig-1", "h-running", Run)
+        store.start(run.id)
+    (path,) = (state / "history").iterdir()
+    content = path.read_bytes()
+    if lie == "cut":
+        path.write_bytes(content[:-40])
+    elif lie == "cut-at-a-line":
+        path.write_bytes(content[: content.index(b"\n") + 1])
+    elif lie == "zeros":  # what a finish used to leave: a cut file padded back to its size
+        path.write_bytes(content[: len(content) // 2].ljust(len(content), b"\0"))
+    elif lie == "garbage":
+        path.write_bytes(hashlib.shake_256(content).digest(len(content)))
+    elif lie == "missing":
+        path.unlink()
+    elif lie == "symlink":  # even to a faithful copy
+        copy = tmp_path / "copy.jsonl"
+        copy.write_bytes(content)
+        path.unlink()
+        path.symlink_to(copy)
+    elif lie == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    else:
+        path.unlink()
+        path.mkdir()
+
+    def the_file() -> object:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        body = path.read_bytes() if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode) else b""
+        rig_1 = sorted(p.name for p in (state / "history").glob("rig-1-*"))
+        return stat.S_IFMT(info.st_mode), info.st_ino, info.st_mtime_ns, body, rig_1
+
+    def the_state() -> object:
+        return {slot.name: slot.read_bytes() for slot in state.glob("runs.state.*")}
+
+    return path, Looks(the_file, the_state)
+
+
+@dataclasses.dataclass
+class Looks:
+    file: Callable[[], object]
+    state: Callable[[], object]
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_a_history_file_that_lies_stops_a_session_before_any_test(
+    pytester: pytest.Pytester, tmp_path: Path, lie: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    path, looks = _history_with_a_lie(state, lie, tmp_path)
+    file_before, state_before = looks.file(), looks.state()
+    marker = tmp_path / "a-test-ran"
+    pytester.makepyfile(f"def test_a():\n    open({str(marker)!r}, 'w').close()\n")
+    result = tracked(pytester, state)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.stderr.lines if "pytest-runs" in line]
+    assert len(errors) == 1, result.stderr.lines
+    assert fnmatch.fnmatchcase(errors[0], f"ERROR: pytest-runs: history file {path} {_COMPLAINT[lie]}"), errors[0]
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    assert not marker.exists(), "no test ran"
+    assert (looks.file(), looks.state()) == (file_before, state_before), "the file and the state as they were"
+    # A reservation through the command line is refused alike.
+    test_dir = tmp_path / "tests"
+    test_dir.mkdir()
+    capsys.readouterr()
+    assert main(["--state-dir", str(state), "reserve", "--machine", "rig-1", "--test-dir", str(test_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and fnmatch.fnmatchcase(err, f"pytest-runs: history file {path} {_COMPLAINT[lie]}\n"), err
+    assert (looks.file(), looks.state()) == (file_before, state_before)
+    # Sessions on another machine are not held up by rig-1's history.
+    result = tracked(pytester, state, "--runs-machine=rig-2")
+    assert result.ret == 0 and marker.exists()
+    assert looks.file() == file_before
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_a_history_file_that_lies_is_refused_by_the_command_line(
+    tmp_path: Path, lie: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    path, looks = _history_with_a_lie(state, lie, tmp_path, running=True)
+    file_before, state_before = looks.file(), looks.state()
+    running = Store(state).active_by_machine("rig-1")
+    assert running is not None
+    for command in (["release", running.id, "--reason", "runner died"], ["list"], ["list", "--machine", "rig-1"]):
+        code = main(["--state-dir", str(state), *command])
+        out, err = capsys.readouterr()
+        assert code == 1 and out == "", (command, out, err)
+        assert len(err.splitlines()) == 1 and err.startswith(f"pytest-runs: history file {path} "), (command, err)
+        if command[0] == "release":
+            assert fnmatch.fnmatchcase(err, f"pytest-runs: history file {path} {_COMPLAINT[lie]}\n"), err
+        assert "codec" not in err and "Traceback" not in err
+        assert (looks.file(), looks.state()) == (file_before, state_before), command
+    assert Store(state).active_by_machine("rig-1") == running, "still running: nothing was recorded"

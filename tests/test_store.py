@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from pytest_runs import (
     StoreLocked,
 )
 from pytest_runs.filebackend import FileBackend, FileTransaction
+from pytest_runs.owner import Owner
 from pytest_runs.store import FORMAT_VERSION, open_store
 
 #: Every kind of store the contract tests run against: the JSON files, new and upgraded from
@@ -441,6 +444,46 @@ def test_writes_are_flushed_before_they_return(store: Store, monkeypatch: pytest
 
 
 @file_only
+def test_heartbeats_skip_the_flush_and_a_power_cut_can_lose_only_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = Owner.current()
+    run, _ = store.prepare_atomic("rig-1", "h1", lambda: Run(**owner.run_fields()))
+    store.create(pending(machine="rig-2"))  # both slots exist: no new file, no folder flush
+    claimed = store.start(run.id, **owner.run_fields())
+    slots = sorted(store.state_dir.glob("runs.state.*"))
+    after_claim = {slot: slot.read_bytes() for slot in slots}
+    flushes: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def counting(name: str, real: Callable[[int], None]) -> Callable[[int], None]:
+        def flush(fd: int) -> None:
+            flushes.append(f"{name} {os.readlink(f'/proc/self/fd/{fd}')}")
+            real(fd)
+
+        return flush
+
+    monkeypatch.setattr(os, "fsync", counting("fsync", real_fsync))
+    monkeypatch.setattr(os, "fdatasync", counting("fdatasync", real_fdatasync))
+    beats = [store.heartbeat(run.id, owner) for _ in range(5)]
+    assert flushes == [], "a heartbeat's commit is not flushed"
+    assert store.get(run.id) == beats[-1], "yet every reader sees it at once"
+    written = [slot for slot in slots if slot.read_bytes() != after_claim[slot]]
+    assert len(written) == 1, "every heartbeat went into one slot: the other keeps the claim, flushed"
+    # A power cut that loses the unflushed slot loses the heartbeats, and only them.
+    kept = written[0].read_bytes()
+    written[0].write_bytes(kept[: len(kept) // 2])
+    assert store.get(run.id) == claimed
+    written[0].write_bytes(kept)
+    store.finish(run.id, Status.COMPLETED, owner=owner)
+    assert flushes[-1] == f"fdatasync {written[0]}", "a finish still flushes: the state, over the unflushed slot"
+    assert flushes[:-1] and all("/history" in flush for flush in flushes[:-1]), "after its history line"
+    flushes.clear()
+    store.create(pending(machine="rig-3"))
+    assert len(flushes) == 1 and not flushes[0].endswith(written[0].name), "after a flushed commit: the other slot"
+
+
+@file_only
 @pytest.mark.parametrize("failing", ["pwrite", "ftruncate", "fdatasync"])
 def test_a_failed_write_keeps_the_previous_state(store: Store, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     kept = [store.create(pending(machine=f"rig-{i}")) for i in range(3)]
@@ -593,3 +636,147 @@ def _flock_holders(store: Store) -> list[int]:
     from pytest_runs.store import lock_holders
 
     return lock_holders(store.lock_path)
+
+
+# -- a fork inside a transaction ----------------------------------------------------------
+
+# Forks a child that lives on (sleeps) from inside a store transaction (the ``mk`` of a
+# prepare runs inside it); with "kill", the process then dies there, never letting go.
+_FORK_INSIDE_A_TRANSACTION = """
+import ctypes, multiprocessing, os, signal, sys, time
+from pytest_runs import Run, Store
+
+how, state, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+
+
+def live_on():
+    os.write(1, b"living\\n")  # by now, whatever Python runs in a forked child has run
+    time.sleep(120)
+    os._exit(0)
+
+
+def mk():
+    if how == "multiprocessing":
+        child = multiprocessing.get_context("fork").Process(target=live_on)
+        child.start()
+        pid = child.pid
+    else:
+        # C code calling fork() (an extension, an embedded tool) runs no at-fork handler.
+        pid = ctypes.CDLL(None).fork() if how == "c-fork" else os.fork()
+        if pid == 0:
+            live_on()
+    os.write(1, f"child {pid}\\n".encode())  # one write: the child writes to the same pipe
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return Run(machine="rig-1", test_dir="/tests", test_dir_hash="h1")
+
+
+Store(state).prepare_atomic("rig-1", "h1", mk)
+os.write(1, b"done\\n")
+sys.stdin.read()
+"""
+
+
+def _fork_inside_a_transaction(state: Path, how: str, kill: bool) -> tuple[subprocess.Popen[str], int]:
+    Store(state).create(pending(machine="rig-0"))  # a store to read: reading none takes no lock
+    helper = subprocess.Popen(
+        [sys.executable, "-c", _FORK_INSIDE_A_TRANSACTION, how, str(state), "kill" if kill else "finish"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the helper and its child in a group of their own, killed at the end
+    )
+    assert helper.stdout is not None
+    said = {helper.stdout.readline().strip() for _ in range(2 if kill else 3)}
+    (child,) = (int(line.split()[1]) for line in said if line.startswith("child "))
+    assert "living" in said
+    if kill:
+        assert helper.wait(timeout=60) == -signal.SIGKILL
+    else:
+        assert "done" in said, "the transaction with the fork in it committed"
+    os.kill(child, 0)  # the child lives on
+    return helper, child
+
+
+def _lock_is_free(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("how", ["c-fork", "os.fork", "multiprocessing"])
+def test_a_child_forked_inside_a_transaction_does_not_keep_the_store_lock(tmp_path: Path, how: str) -> None:
+    state = tmp_path / "state"
+    helper, child = _fork_inside_a_transaction(state, how, kill=False)
+    try:
+        # Free the moment the transaction ended, although the child holds a copy of its descriptor.
+        assert _lock_is_free(state / "runs.lock"), f"the child (PID {child}) kept the store lock"
+        store = Store(state, lock_timeout=30)
+        run = store.active_by_machine("rig-1")
+        assert run is not None
+        store.finish(run.id, Status.COMPLETED)
+        os.kill(child, 0)
+    finally:
+        os.killpg(helper.pid, signal.SIGKILL)
+        helper.wait()
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+def test_a_child_forked_by_os_fork_lets_go_at_once_even_if_the_parent_dies_holding_the_lock(
+    tmp_path: Path, how: str
+) -> None:
+    state = tmp_path / "state"
+    helper, child = _fork_inside_a_transaction(state, how, kill=True)
+    try:
+        assert _lock_is_free(state / "runs.lock"), f"the child (PID {child}) kept its copy of the lock"
+        assert len(Store(state, lock_timeout=30).list()) == 1, "the killed transaction changed nothing"
+    finally:
+        os.killpg(helper.pid, signal.SIGKILL)
+
+
+def test_a_lock_kept_by_a_c_forked_child_of_a_dead_holder_names_the_child(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    helper, child = _fork_inside_a_transaction(state, "c-fork", kill=True)
+    try:
+        # No code ran in the child and its parent died holding the lock: the child keeps it.
+        with pytest.raises(StoreLocked) as raised:
+            Store(state, lock_timeout=0.3).list()
+        message = str(raised.value)
+        assert f"held by PID {child} (taken by PID {helper.pid}, which is gone; inherited through a fork)" in message
+        assert raised.value.holders == [child]
+        assert "\n" not in message
+    finally:
+        os.killpg(helper.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not _lock_is_free(state / "runs.lock"):
+        assert time.monotonic() < deadline, "the lock outlived the child that kept it"
+        time.sleep(0.05)
+    assert len(Store(state).list()) == 1
+
+
+def test_a_holder_named_by_the_kernel_that_is_gone_is_said_to_be_gone(tmp_path: Path) -> None:
+    from pytest_runs.storelock import describe_holders
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = tmp_path / "runs.lock"
+    lock.touch()
+    # No descriptor of this user's processes holds it: whoever does is out of sight.
+    holders, who, advice = describe_holders(lock, [gone.pid])
+    assert holders == [gone.pid]
+    assert who == f" by PID {gone.pid}, which is gone: a process it forked still holds the lock"
+    assert "fuser" in advice
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        holders, who, _ = describe_holders(lock, [gone.pid])
+        assert holders == [os.getpid()]
+        assert who == f" by PID {os.getpid()} (taken by PID {gone.pid}, which is gone; inherited through a fork)"
+        assert describe_holders(lock, [os.getpid()])[1] == f" by PID {os.getpid()}"
+    finally:
+        os.close(fd)
