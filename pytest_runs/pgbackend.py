@@ -28,6 +28,7 @@ What the database itself guarantees, not only this code:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -49,12 +50,15 @@ from .settings import mask_url
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["SCHEMA_VERSION", "PgBackend", "is_database_url", "mask"]
+__all__ = ["SCHEMA_VERSION", "PgBackend", "is_database_url", "mask", "store_lock_key"]
 
 #: The schema this version creates, and the newest it uses.
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "pytest_runs"
-#: The advisory lock every write transaction takes (its value spells "runs").
+#: The first key of the advisory lock every write transaction takes (its value spells "runs");
+#: the second names the schema (:func:`store_lock_key`), so stores in different schemas of
+#: one database never wait for each other. Two 32-bit keys (``objsubid`` 2 in ``pg_locks``)
+#: never meet an owner's single 64-bit key (``objsubid`` 1).
 _STORE_LOCK = 0x72756E73
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _ACTIVE = "('pending', 'running')"
@@ -92,6 +96,12 @@ def _driver() -> Any:
             f"a postgresql:// store needs psycopg 3 ({error}); install it with: pip install 'pytest-runs[postgres]'"
         ) from None
     return psycopg
+
+
+def store_lock_key(schema: str) -> tuple[int, int]:
+    """The two keys of the store lock of ``schema``, as ``pg_advisory_xact_lock(int, int)`` takes them."""
+    digest = hashlib.sha256(schema.encode()).digest()
+    return _STORE_LOCK, int.from_bytes(digest[:4], "big") >> 1  # 31 bits: the same in pg_locks' objid
 
 
 def _signed_key(token: str) -> int:
@@ -181,7 +191,7 @@ class PgBackend:
                     if not durable:
                         cursor.execute("SET LOCAL synchronous_commit = off")
                     if write:
-                        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_STORE_LOCK,))
+                        cursor.execute("SELECT pg_advisory_xact_lock(%s::integer, %s::integer)", store_lock_key(self.schema))
                     elif not self._ready:
                         self._check_schema(cursor, create=False)
                     yield PgTransaction(self, cursor, missing=not self._ready)
@@ -206,7 +216,7 @@ class PgBackend:
         with conn.transaction():
             cursor = conn.cursor()
             cursor.execute(f"SET LOCAL lock_timeout = '{max(1, int(self.lock_timeout * 1000))}ms'")
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_STORE_LOCK,))
+            cursor.execute("SELECT pg_advisory_xact_lock(%s::integer, %s::integer)", store_lock_key(self.schema))
             self._check_schema(cursor, create=True)
 
     def _check_schema(self, cursor: psycopg.Cursor[Any], *, create: bool) -> None:
