@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +27,7 @@ import pytest
 from _sessions import Session, make_project, start, wait_for
 
 from pytest_runs import Run, Status, Store
+from pytest_runs.owner import Owner
 from pytest_runs.store import open_store
 
 BIN = Path("/usr/lib/postgresql/15/bin")
@@ -204,3 +208,88 @@ def test_a_holder_killed_during_an_outage_loses_its_machine_after_its_lease(
     assert old.ended_at is not None and old.heartbeat_at is not None
     assert old.ended_at - old.heartbeat_at > timedelta(seconds=lease)
     assert new.status is Status.COMPLETED, new
+
+
+class CommitAnswerLost:
+    """A TCP proxy to the server that, once armed, passes on the next ``COMMIT``, waits for the
+    server's answer (so the transaction did commit), and then cuts the connection instead of
+    passing the answer on: the client cannot tell whether its transaction applied."""
+
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # a simple-protocol Query message
+    READY = b"Z\x00\x00\x00\x05"  # ReadyForQuery: the server is done with it
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.armed = threading.Event()
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        try:
+            while True:
+                readable, _, _ = select.select([client, upstream], [], [])
+                if client in readable:
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    upstream.sendall(data)
+                    if self.COMMIT in data and self.armed.is_set():
+                        self.armed.clear()
+                        answer = b""
+                        while self.READY not in answer:
+                            chunk = upstream.recv(65536)
+                            assert chunk, "the server closed the connection before it answered the COMMIT"
+                            answer += chunk
+                        self.cuts += 1
+                        return  # the answer is dropped with the connection
+                if upstream in readable:
+                    data = upstream.recv(65536)
+                    if not data:
+                        return
+                    client.sendall(data)
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("step", ["claim", "finish"])
+def test_a_change_whose_commit_answer_was_lost_is_retried_and_recognised(
+    server: Server, url: str, tmp_path: Path, step: str
+) -> None:
+    parts = urllib.parse.urlsplit(url)
+    proxy = CommitAnswerLost(parts.port or 5432)
+    try:
+        through = parts._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
+        store = open_store(tmp_path / "state", through)
+        lock = store.liveness_lock()
+        owner = dataclasses.replace(Owner.current(), token=lock.token)
+        run, _ = store.prepare_atomic("rig-1", "h", lambda: Run(**owner.run_fields()))
+        if step == "finish":
+            store.start(run.id, **owner.run_fields())
+        proxy.armed.set()
+        if step == "claim":
+            done = store.start(run.id, **owner.run_fields())
+            assert done.status is Status.RUNNING
+        else:
+            done = store.finish(run.id, Status.COMPLETED, exit_code=0, owner=owner)
+            assert (done.status, done.exit_code) == (Status.COMPLETED, 0)
+        assert proxy.cuts == 1, "the answer to its COMMIT was lost"
+        (stored,) = db_store(url, tmp_path).list()
+        assert stored.status is done.status and stored.fence == 1
+        lock.release()
+    finally:
+        proxy.close()
