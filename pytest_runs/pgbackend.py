@@ -129,6 +129,12 @@ _SERVER_START = (
 )
 
 
+def _timed_out(error: BaseException) -> bool:
+    """Whether ``error`` says the server did not answer at all (rather than refused, or closed the connection)."""
+    text = str(error).lower()
+    return "timeout expired" in text or "timed out" in text
+
+
 def _signed_key(token: str) -> int:
     """An owner token's advisory lock key, as the signed 64-bit number the lock functions take."""
     value = int(token[:16], 16)
@@ -744,10 +750,12 @@ class PgOwnerLock:
     def still_held(self) -> bool:
         """Whether the lock is held; if its connection was lost, take it again if nobody has.
 
-        A server that restarted, or does not answer yet, is waited for (with backoff) for up
-        to the backend's :meth:`~PgBackend.outage_window`: readers keep a run whose lock went
-        with a restart for its owner's lease. Whether the run is still this session's is for
-        the next heartbeat to say (a reclaim shows in the run).
+        A server that restarted, or refuses connections while it does, is waited for (with
+        backoff) for up to the backend's :meth:`~PgBackend.outage_window`: readers keep a run
+        whose lock went with a restart for its owner's lease. A server that does not answer at
+        all (a timeout: this host may be cut off from a server that stays up, which frees the
+        lock once its keepalives end the connection) is not waited for. Whether the run is still
+        this session's is for the next heartbeat to say (a reclaim shows in the run).
         """
         if os.getpid() != self._pid:
             return False
@@ -762,9 +770,11 @@ class PgOwnerLock:
                     ).fetchone()
                     if row and row[0]:
                         return True
-            except psycopg.Error:
-                pass
-            give_up_at = time.monotonic() + self.backend.outage_window()
+            except psycopg.Error as error:
+                cut_off = _timed_out(error)
+            else:
+                cut_off = False
+            give_up_at = time.monotonic() + (0.0 if cut_off else self.backend.outage_window())
             pause = _FIRST_PAUSE
             while True:
                 self._close()
@@ -779,8 +789,9 @@ class PgOwnerLock:
                 except psycopg.errors.LockNotAvailable:
                     self._close()
                     return False
-                except (StateError, psycopg.Error):
-                    pass
+                except (StateError, psycopg.Error) as error:
+                    if _timed_out(error):
+                        give_up_at = 0.0
                 left = give_up_at - time.monotonic()
                 if left <= 0:
                     self._close()
