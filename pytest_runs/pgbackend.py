@@ -267,7 +267,7 @@ class PgBackend:
         except (psycopg.DataError, UnicodeEncodeError) as error:
             raise ValueError(f"store {self.location} cannot hold this value: {error}") from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-            lost = self.lost(conn, error)
+            lost = conn is not None and self.lost(conn, error)  # (None: _begin gave up, or was refused)
             self._drop_connection()
             if lost:
                 raise ConnectionLost(
