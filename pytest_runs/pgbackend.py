@@ -724,6 +724,8 @@ class PgOwnerLock:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
         self._guard = threading.Lock()
+        #: Let go of for good: a still_held riding out an outage on another thread must not take it again.
+        self._dropped = False
 
     def acquire(self) -> None:
         self._conn = self._connect()
@@ -778,6 +780,8 @@ class PgOwnerLock:
             pause = _FIRST_PAUSE
             while True:
                 self._close()
+                if self._dropped:
+                    return False
                 try:
                     self._conn = self._connect()
                     # Waits (briefly) for a waiter that holds the key shared, as it watches for us
@@ -785,6 +789,9 @@ class PgOwnerLock:
                     wait_ms = max(100, int(min(5.0, max(0.0, give_up_at - time.monotonic())) * 1000))
                     self._conn.execute(f"SET lock_timeout = '{wait_ms}ms'")
                     self._conn.execute("SELECT pg_advisory_lock(%s)", (self._key,))
+                    if self._dropped:  # let go of meanwhile, on another thread
+                        self._close()
+                        return False
                     return True
                 except psycopg.errors.LockNotAvailable:
                     self._close()
@@ -805,6 +812,7 @@ class PgOwnerLock:
     def drop(self) -> None:
         if os.getpid() != self._pid:
             return  # a forked child that ran on into pytest's end: the lock is its parent's
+        self._dropped = True
         _live_locks.discard(self)
         self._close()
 
