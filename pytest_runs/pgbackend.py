@@ -168,7 +168,15 @@ class PgBackend:
         self._waiter: _Waiter | None = None
         #: Whether a connection was ever made: only then is a failure an outage to ride out.
         self._reached = False
+        #: A call rode out a whole outage window in vain: the next ones fail at once, until one
+        #: reaches the server again (their callers try again as they see fit: the next heartbeat,
+        #: the waiting loop's next look).
+        self._gave_up = False
         self._full_lock_timeout = lock_timeout
+        #: From a call of wait_for_change to the first commit after stop_waiting: every call is
+        #: bounded by the lock timeout, which the waiting session shortens to the wait left.
+        self._waiting = False
+        self._waiting_over = False
 
     # -- connections ------------------------------------------------------------------
 
@@ -181,7 +189,7 @@ class PgBackend:
             )
         except self._psycopg.Error as error:
             raise self.unreachable(error) from None
-        self._reached = True
+        self._reached, self._gave_up = True, False
         return conn  # type: ignore[no-any-return]
 
     def unreachable(self, error: BaseException) -> StoreUnreachable:
@@ -196,14 +204,14 @@ class PgBackend:
     def outage_window(self) -> float:
         """How long a call waits for a server it reached before to come back (a restart), in seconds.
 
-        Nothing for a server never reached (the session exits 69 at once). A waiting session
-        shortens the lock timeout to the wait left, and that bounds this too; else
-        :data:`RIDE_OUT`.
+        Nothing for a server never reached (the session exits 69 at once). :data:`RIDE_OUT`,
+        but no longer than the lock timeout while the caller waits for a machine (it shortens
+        the lock timeout to the wait left, and looks again after each call that gives up).
         """
-        if not self._reached:
+        if not self._reached or self._gave_up:
             return 0.0
-        if self.lock_timeout < self._full_lock_timeout:
-            return self.lock_timeout
+        if self._waiting or self.lock_timeout < self._full_lock_timeout:
+            return min(RIDE_OUT, self.lock_timeout)
         return RIDE_OUT
 
     def lost(self, conn: psycopg.Connection[Any] | None, error: BaseException) -> bool:
@@ -256,6 +264,8 @@ class PgBackend:
                     conn.rollback()
                 raise
             conn.commit()
+            if self._waiting_over:
+                self._waiting = self._waiting_over = False
         except psycopg.errors.LockNotAvailable:
             raise StoreLocked(
                 f"store {self.location} has been locked by another session for more than "
@@ -319,6 +329,7 @@ class PgBackend:
             self._drop_connection()
             left = give_up_at - time.monotonic()
             if left <= 0:
+                self._gave_up = True
                 raise failure
             time.sleep(min(pause, left))
             pause = min(pause * 2, _LAST_PAUSE)
@@ -375,24 +386,33 @@ class PgBackend:
         The waiting connections are kept from one call to the next while the holder is the
         same, so that a caller may wait in short steps (to show progress) at no cost.
         """
+        self._waiting = True
         waiter = self._waiter
         if waiter is not None and waiter.token != holder.owner_token:
-            self.stop_waiting()
+            self._close_waiter()
             waiter = None
         try:
             if waiter is None:
                 waiter = self._waiter = _Waiter(self, holder)
             if waiter.wait(timeout):
-                self.stop_waiting()
+                self._close_waiter()
                 return True
         except (self._psycopg.Error, OSError, StateError):
-            self.stop_waiting()
+            self._close_waiter()
             time.sleep(max(0.0, min(1.0, timeout)))
             return True
         return False
 
     def stop_waiting(self) -> None:
-        """Close the connections of :meth:`wait_for_change`."""
+        """Close the connections of :meth:`wait_for_change`: the caller waits no more.
+
+        Calls stay bounded by the lock timeout until the next one that commits (the claim, or
+        leaving the line), which are still part of the wait.
+        """
+        self._close_waiter()
+        self._waiting_over = self._waiting
+
+    def _close_waiter(self) -> None:
         if self._waiter is not None:
             self._waiter.close()
             self._waiter = None
@@ -802,6 +822,7 @@ class PgOwnerLock:
                 left = give_up_at - time.monotonic()
                 if left <= 0:
                     self._close()
+                    self.backend._gave_up = True
                     return False
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, _LAST_PAUSE)

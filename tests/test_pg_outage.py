@@ -141,6 +141,32 @@ def test_a_waiter_rides_out_a_restart_and_gets_the_machine_when_the_holder_ends(
     assert first.ended_at is not None and second.started_at is not None and first.ended_at <= second.started_at
 
 
+def test_a_waiter_waits_through_an_outage_until_its_wait_timeout_then_exits_69(
+    server: Server, url: str, tmp_path: Path, sessions: list[Session]
+) -> None:
+    state = tmp_path / "state"
+    holder = start("holder", make_project(tmp_path / "h"), state, f"--runs-store={url}")
+    sessions.append(holder)
+    wait_for(holder.started, holder)
+    began = time.monotonic()
+    waiter = start("waiter", make_project(tmp_path / "w"), state, f"--runs-store={url}", "--runs-on-busy=wait",
+                   "--runs-wait-timeout=8", released=True)  # fmt: skip
+    sessions.append(waiter)
+    wait_until_in_line(db_store(url, tmp_path), waiter)
+    server.stop()
+    try:
+        code, output = waiter.finish()
+        waited = time.monotonic() - began
+    finally:
+        server.start()
+    assert code == 69, output
+    assert "no test ran" in output and "Traceback" not in output
+    # It waited its whole wait (not exiting at the first closed connection), and not much longer.
+    assert 8 <= waited < 8 + 30, waited
+    holder.release.write_text("go")
+    assert holder.finish()[0] == 0
+
+
 def test_a_holder_whose_tests_span_a_restart_records_its_end(
     server: Server, url: str, tmp_path: Path, sessions: list[Session]
 ) -> None:
