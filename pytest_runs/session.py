@@ -208,7 +208,9 @@ class TrackedSession:
             try:
                 if changed or prepared is None or time.monotonic() >= look_by:
                     if not self._still_alive(progress, waited):
-                        raise StoreUnreachable("this session's liveness lock cannot be taken back yet")
+                        raise StoreUnreachable(
+                            "this session cannot take its liveness lock back: the store is unreachable"
+                        )
                     with self.stopper.deferred():
                         prepared = store.prepare(
                             settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as
