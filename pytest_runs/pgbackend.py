@@ -23,6 +23,20 @@ What the database itself guarantees, not only this code:
   ending ``NOTIFY``s, and at the same time asks for a shared lock on the holder's
   liveness key, which the server grants the moment the holder lets go or dies.
 - **Schema versions** in ``meta``; a newer schema is refused with one line.
+- **Schemas are independent**: the store lock's key names the schema.
+
+Riding out a restart of the server (an outage of up to :data:`RIDE_OUT` seconds), whoever
+calls (the session, its keeper, the command line), once a connection was made at all:
+
+- A transaction whose connection is found closed before it began is begun again, with
+  backoff; one whose connection closes inside it or at its ``COMMIT`` raises
+  :class:`~pytest_runs.errors.ConnectionLost`, and the store does the change again (a retried
+  claim or end recognises its own earlier effect).
+- :meth:`PgOwnerLock.still_held` takes the lock back on a new connection; a waiter's
+  connections are opened again by its next wait.
+- Readers know that a restart drops every lock: an owner whose lock is free but whose last
+  heartbeat is older than the server's start is judged by its own lease instead, and given
+  at least ``RIDE_OUT`` + 5 s after the start to come back.
 """
 
 from __future__ import annotations
@@ -204,9 +218,10 @@ class PgBackend:
     def outage_window(self) -> float:
         """How long a call waits for a server it reached before to come back (a restart), in seconds.
 
-        Nothing for a server never reached (the session exits 69 at once). :data:`RIDE_OUT`,
-        but no longer than the lock timeout while the caller waits for a machine (it shortens
-        the lock timeout to the wait left, and looks again after each call that gives up).
+        Nothing for a server never reached (the session exits 69 at once), nor after a call
+        gave up on it, until one reaches it again. Else :data:`RIDE_OUT`, but no longer than the
+        lock timeout while the caller waits for a machine (it shortens the lock timeout to the
+        wait left, and looks again after each call that gives up).
         """
         if not self._reached or self._gave_up:
             return 0.0
