@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from .model import Run
 
-__all__ = ["InvalidTransition", "RunEnded", "RunNotFound", "StateError", "StoreLocked", "StoreUnreachable"]
+__all__ = [
+    "ConnectionLost",
+    "InvalidTransition",
+    "RunEnded",
+    "RunNotFound",
+    "StateError",
+    "StoreLocked",
+    "StoreUnreachable",
+]
 
 
 class RunNotFound(LookupError):
@@ -30,6 +38,13 @@ class StoreLocked(StateError):
 
 class StoreUnreachable(StateError):
     """The store (a database) cannot be reached, or went away mid-call; this call recorded nothing."""
+
+
+class ConnectionLost(StoreUnreachable):
+    """The connection closed inside a transaction: it may or may not have committed.
+
+    The store retries such a call; each change it retries recognises its own earlier effect.
+    """
 
 
 class InvalidTransition(ValueError):

@@ -23,11 +23,26 @@ What the database itself guarantees, not only this code:
   ending ``NOTIFY``s, and at the same time asks for a shared lock on the holder's
   liveness key, which the server grants the moment the holder lets go or dies.
 - **Schema versions** in ``meta``; a newer schema is refused with one line.
+- **Schemas are independent**: the store lock's key names the schema.
+
+Riding out a restart of the server (an outage of up to :data:`RIDE_OUT` seconds), whoever
+calls (the session, its keeper, the command line), once a connection was made at all:
+
+- A transaction whose connection is found closed before it began is begun again, with
+  backoff; one whose connection closes inside it or at its ``COMMIT`` raises
+  :class:`~pytest_runs.errors.ConnectionLost`, and the store does the change again (a retried
+  claim or end recognises its own earlier effect).
+- :meth:`PgOwnerLock.still_held` takes the lock back on a new connection; a waiter's
+  connections are opened again by its next wait.
+- Readers know that a restart drops every lock: an owner whose lock is free but whose last
+  heartbeat is older than the server's start is judged by its own lease instead, and given
+  at least ``RIDE_OUT`` + 5 s after the start to come back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -40,7 +55,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidTransition, StateError, StoreLocked, StoreUnreachable
+from .errors import ConnectionLost, InvalidTransition, StateError, StoreLocked, StoreUnreachable
 from .liveness import DEFAULT_LEASE
 from .model import Run, Status
 from .queue import Waiter
@@ -49,13 +64,27 @@ from .settings import mask_url
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["SCHEMA_VERSION", "PgBackend", "is_database_url", "mask"]
+__all__ = ["SCHEMA_VERSION", "PgBackend", "is_database_url", "mask", "store_lock_key"]
 
 #: The schema this version creates, and the newest it uses.
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "pytest_runs"
-#: The advisory lock every write transaction takes (its value spells "runs").
+#: The first key of the advisory lock every write transaction takes (its value spells "runs");
+#: the second names the schema (:func:`store_lock_key`), so stores in different schemas of
+#: one database never wait for each other. Two 32-bit keys (``objsubid`` 2 in ``pg_locks``)
+#: never meet an owner's single 64-bit key (``objsubid`` 1).
 _STORE_LOCK = 0x72756E73
+#: The longest a call waits for a server it reached before to come back (a restart, seconds). A
+#: session cut off from a server that stays up loses its liveness lock when the server's
+#: keepalives (below) end its connection, 25 s after the last word from it: an owner riding out
+#: an outage must stop before that, as it cannot tell a restart from being cut off.
+RIDE_OUT = 20.0
+#: After the server (re)starts, a run whose owner's lock is free but whose last heartbeat is
+#: older than the start is given this long, and its own lease, to come back (it may be riding out).
+_COME_BACK = RIDE_OUT + 5.0
+_FIRST_PAUSE, _LAST_PAUSE = 0.05, 1.0
+#: How often a waiter asks again for a holder's lock that was free (being taken back after a restart).
+_ARM_EVERY = 0.5
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _ACTIVE = "('pending', 'running')"
 # Keepalives on the owner's connection: a vanished host frees its machine within a minute.
@@ -94,6 +123,32 @@ def _driver() -> Any:
     return psycopg
 
 
+def store_lock_key(schema: str) -> tuple[int, int]:
+    """The two keys of the store lock of ``schema``, as ``pg_advisory_xact_lock(int, int)`` takes them."""
+    digest = hashlib.sha256(schema.encode()).digest()
+    return _STORE_LOCK, int.from_bytes(digest[:4], "big") >> 1  # 31 bits: the same in pg_locks' objid
+
+
+#: Whether an owner's liveness lock (the two halves of its key) is held, by any session of this database.
+_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock' "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND classid = %s AND objid = %s AND objsubid = 1)"
+)
+#: When the server last started: its postmaster, or, after a crash, its checkpointer started again
+#: (which only a role that may read the server's activity sees; the postmaster's start otherwise).
+_SERVER_START = (
+    "SELECT GREATEST(pg_postmaster_start_time(), "
+    "(SELECT max(backend_start) FROM pg_stat_activity WHERE backend_type = 'checkpointer'))"
+)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether ``error`` says the server did not answer at all (rather than refused, or closed the connection)."""
+    text = str(error).lower()
+    return "timeout expired" in text or "timed out" in text
+
+
 def _signed_key(token: str) -> int:
     """An owner token's advisory lock key, as the signed 64-bit number the lock functions take."""
     value = int(token[:16], 16)
@@ -125,6 +180,17 @@ class PgBackend:
         self._inside = threading.local()
         self._ready = False
         self._waiter: _Waiter | None = None
+        #: Whether a connection was ever made: only then is a failure an outage to ride out.
+        self._reached = False
+        #: A call rode out a whole outage window in vain: the next ones fail at once, until one
+        #: reaches the server again (their callers try again as they see fit: the next heartbeat,
+        #: the waiting loop's next look).
+        self._gave_up = False
+        self._full_lock_timeout = lock_timeout
+        #: From a call of wait_for_change to the first commit after stop_waiting: every call is
+        #: bounded by the lock timeout, which the waiting session shortens to the wait left.
+        self._waiting = False
+        self._waiting_over = False
 
     # -- connections ------------------------------------------------------------------
 
@@ -132,81 +198,162 @@ class PgBackend:
         """A new connection; :class:`StoreUnreachable` naming the masked URL if there is none."""
         timeout = max(1, min(int(self.lock_timeout), 30))
         try:
-            return self._psycopg.connect(  # type: ignore[no-any-return]
+            conn = self._psycopg.connect(
                 self.conninfo, connect_timeout=timeout, application_name="pytest-runs", **extra
             )
         except self._psycopg.Error as error:
             raise self.unreachable(error) from None
+        self._reached, self._gave_up = True, False
+        return conn  # type: ignore[no-any-return]
 
     def unreachable(self, error: BaseException) -> StoreUnreachable:
+        return StoreUnreachable(f"cannot reach the store {self.location}: {self._detail(error)}")
+
+    def _detail(self, error: BaseException) -> str:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if password := urllib.parse.urlsplit(self.url).password:
             detail = detail.replace(password, "***").replace(urllib.parse.quote(password), "***")
-        return StoreUnreachable(f"cannot reach the store {self.location}: {detail}")
+        return detail
+
+    def outage_window(self) -> float:
+        """How long a call waits for a server it reached before to come back (a restart), in seconds.
+
+        Nothing for a server never reached (the session exits 69 at once), nor after a call
+        gave up on it, until one reaches it again. Else :data:`RIDE_OUT`, but no longer than the
+        lock timeout while the caller waits for a machine (it shortens the lock timeout to the
+        wait left, and looks again after each call that gives up).
+        """
+        if not self._reached or self._gave_up:
+            return 0.0
+        if self._waiting or self.lock_timeout < self._full_lock_timeout:
+            return min(RIDE_OUT, self.lock_timeout)
+        return RIDE_OUT
+
+    def lost(self, conn: psycopg.Connection[Any] | None, error: BaseException) -> bool:
+        """Whether ``error`` means that ``conn`` is gone (the server restarted or ended it), not a refusal."""
+        errors = self._psycopg.errors
+        if isinstance(error, errors.AdminShutdown | errors.CrashShutdown | errors.CannotConnectNow):
+            return True
+        return conn is None or conn.closed or conn.broken
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = self.connect()
         return self._conn
 
-    def close(self) -> None:
-        """Close this backend's connections (a new one is opened on the next call)."""
-        self.stop_waiting()
+    def _drop_connection(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
 
+    def close(self) -> None:
+        """Close this backend's connections (a new one is opened on the next call)."""
+        self.stop_waiting()
+        self._drop_connection()
+
     # -- transactions -----------------------------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool, durable: bool = True) -> Iterator[PgTransaction]:
-        """A critical section; see :class:`pytest_runs.backend.Backend`."""
+        """A critical section; see :class:`pytest_runs.backend.Backend`.
+
+        A connection found closed before anything was done (the server restarted since the
+        last call) is opened again, with backoff, for up to :meth:`outage_window`. One that
+        closes inside the transaction, or at its commit, raises :class:`ConnectionLost`: the
+        transaction may have committed, and the caller decides whether doing it again is safe.
+        """
         psycopg = self._psycopg
         if getattr(self._inside, "active", False):
             raise RuntimeError(f"store {self.location} was called again from inside one of its operations (from mk?)")
         if not self._mutex.acquire(timeout=self.lock_timeout):
             raise StoreLocked(f"store {self.location} is busy in another thread for over {self.lock_timeout:g}s", [])
+        conn: Any = None
         try:
             self._inside.active = True
-            conn = self._connection()
+            conn, cursor = self._begin(write=write, durable=durable)
             try:
-                if write and not self._ready:
-                    self._ensure_schema(conn)
-                with conn.transaction():
-                    cursor = conn.cursor()
-                    if not write:
-                        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    cursor.execute(f"SET LOCAL lock_timeout = '{max(1, int(self.lock_timeout * 1000))}ms'")
-                    if not durable:
-                        cursor.execute("SET LOCAL synchronous_commit = off")
-                    if write:
-                        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_STORE_LOCK,))
-                    elif not self._ready:
-                        self._check_schema(cursor, create=False)
-                    yield PgTransaction(self, cursor, missing=not self._ready)
-            except psycopg.errors.LockNotAvailable:
-                raise StoreLocked(
-                    f"store {self.location} has been locked by another session for more than "
-                    f"{self.lock_timeout:.3g}s; if that process is stuck, stop it",
-                    [],
+                yield PgTransaction(self, cursor, missing=not self._ready)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.rollback()
+                raise
+            conn.commit()
+            if self._waiting_over:
+                self._waiting = self._waiting_over = False
+        except psycopg.errors.LockNotAvailable:
+            raise StoreLocked(
+                f"store {self.location} has been locked by another session for more than "
+                f"{self.lock_timeout:.3g}s; if that process is stuck, stop it",
+                [],
+            ) from None
+        except psycopg.errors.UniqueViolation as error:
+            raise InvalidTransition(f"the database refused a second active run on a machine: {error}") from None
+        except (psycopg.DataError, UnicodeEncodeError) as error:
+            raise ValueError(f"store {self.location} cannot hold this value: {error}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+            lost = conn is not None and self.lost(conn, error)  # (None: _begin gave up, or was refused)
+            self._drop_connection()
+            if lost:
+                raise ConnectionLost(
+                    f"lost the connection to the store {self.location} inside a transaction "
+                    f"(it may or may not have been recorded): {self._detail(error)}"
                 ) from None
-            except psycopg.errors.UniqueViolation as error:
-                raise InvalidTransition(f"the database refused a second active run on a machine: {error}") from None
-            except (psycopg.DataError, UnicodeEncodeError) as error:
-                raise ValueError(f"store {self.location} cannot hold this value: {error}") from None
-            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-                self.close()
-                raise self.unreachable(error) from None
+            raise self.unreachable(error) from None
         finally:
             self._inside.active = False
             self._mutex.release()
+
+    def _begin(self, *, write: bool, durable: bool) -> tuple[psycopg.Connection[Any], psycopg.Cursor[Any]]:
+        """A connection inside a new transaction (the store lock taken for a write), and its cursor.
+
+        Rides out a closed connection, or a server that does not answer yet, for up to
+        :meth:`outage_window`: nothing was done yet, so trying again cannot apply anything twice.
+        """
+        psycopg = self._psycopg
+        give_up_at = time.monotonic() + self.outage_window()
+        pause = _FIRST_PAUSE
+        while True:
+            conn: Any = None
+            try:
+                conn = self._connection()
+                if write and not self._ready:
+                    self._ensure_schema(conn)
+                cursor = conn.cursor()
+                if not write:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cursor.execute(f"SET LOCAL lock_timeout = '{max(1, int(self.lock_timeout * 1000))}ms'")
+                if not durable:
+                    cursor.execute("SET LOCAL synchronous_commit = off")
+                if write:
+                    cursor.execute(
+                        "SELECT pg_advisory_xact_lock(%s::integer, %s::integer)", store_lock_key(self.schema)
+                    )
+                elif not self._ready:
+                    self._check_schema(cursor, create=False)
+                return conn, cursor
+            except StoreUnreachable as error:
+                failure: StoreUnreachable = error
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+                if isinstance(error, psycopg.errors.LockNotAvailable) or not self.lost(conn, error):
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            conn.rollback()
+                    raise
+                failure = self.unreachable(error)
+            self._drop_connection()
+            left = give_up_at - time.monotonic()
+            if left <= 0:
+                self._gave_up = True
+                raise failure
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _LAST_PAUSE)
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction():
             cursor = conn.cursor()
             cursor.execute(f"SET LOCAL lock_timeout = '{max(1, int(self.lock_timeout * 1000))}ms'")
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_STORE_LOCK,))
+            cursor.execute("SELECT pg_advisory_xact_lock(%s::integer, %s::integer)", store_lock_key(self.schema))
             self._check_schema(cursor, create=True)
 
     def _check_schema(self, cursor: psycopg.Cursor[Any], *, create: bool) -> None:
@@ -235,6 +382,13 @@ class PgBackend:
 
     # -- liveness ---------------------------------------------------------------------
 
+    def server_start(self, cursor: psycopg.Cursor[Any]) -> datetime:
+        """When the server last (re)started (see :data:`_SERVER_START`), asked through ``cursor``."""
+        cursor.execute(_SERVER_START)
+        row = cursor.fetchone()
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]
+
     def liveness_lock(self) -> PgOwnerLock:
         """A session-level advisory lock on a connection of its own, already held."""
         lock = PgOwnerLock(self)
@@ -247,55 +401,95 @@ class PgBackend:
         The waiting connections are kept from one call to the next while the holder is the
         same, so that a caller may wait in short steps (to show progress) at no cost.
         """
+        self._waiting = True
         waiter = self._waiter
         if waiter is not None and waiter.token != holder.owner_token:
-            self.stop_waiting()
+            self._close_waiter()
             waiter = None
         try:
             if waiter is None:
-                waiter = self._waiter = _Waiter(self, holder.owner_token)
+                waiter = self._waiter = _Waiter(self, holder)
             if waiter.wait(timeout):
-                self.stop_waiting()
+                self._close_waiter()
                 return True
         except (self._psycopg.Error, OSError, StateError):
-            self.stop_waiting()
+            self._close_waiter()
             time.sleep(max(0.0, min(1.0, timeout)))
             return True
         return False
 
     def stop_waiting(self) -> None:
-        """Close the connections of :meth:`wait_for_change`."""
+        """Close the connections of :meth:`wait_for_change`: the caller waits no more.
+
+        Calls stay bounded by the lock timeout until the next one that commits (the claim, or
+        leaving the line), which are still part of the wait.
+        """
+        self._close_waiter()
+        self._waiting_over = self._waiting
+
+    def _close_waiter(self) -> None:
         if self._waiter is not None:
             self._waiter.close()
             self._waiter = None
 
 
 class _Waiter:
-    """A waiting session's two connections: one listening for ended runs, one asking for the holder's lock."""
+    """A waiting session's two connections: one listening for ended runs, one asking for the holder's lock.
 
-    def __init__(self, backend: PgBackend, token: str) -> None:
-        self.token = token
+    The holder's lock is asked for only while someone holds it: right after a restart of the
+    server it is free until the holder takes it back, and asking then would both wake this
+    waiter for nothing and keep the holder from taking it back. Until then the waiter listens,
+    and tries again every :data:`_ARM_EVERY` seconds.
+    """
+
+    def __init__(self, backend: PgBackend, holder: Run) -> None:
+        self.token = holder.owner_token
+        self.heartbeat_at = holder.heartbeat_at
         self.listener = backend.connect(autocommit=True)
         self.watcher: psycopg.Connection[Any] | None = None
+        self.armed = False
+        self.gone = False
         try:
             self.listener.execute(f"LISTEN {backend.schema}_ended")
-            if token:
+            if self.token:
                 self.watcher = backend.connect(autocommit=True)
-                # Granted by the server the moment the holder lets go or its session ends.
-                self.watcher.pgconn.send_query(f"SELECT pg_advisory_lock_shared({_signed_key(token)}::bigint)".encode())
+                self.gone = self._arm()
         except BaseException:
             self.close()
             raise
 
+    def _arm(self) -> bool:
+        """Ask for the holder's lock if someone holds it; True if it was let go since the holder's last heartbeat."""
+        assert self.watcher is not None
+        row = self.watcher.execute(_HELD, _lock_key(self.token)).fetchone()
+        if row and row[0]:
+            # Granted by the server the moment the holder lets go or its session ends.
+            self.watcher.pgconn.send_query(
+                f"SELECT pg_advisory_lock_shared({_signed_key(self.token)}::bigint)".encode()
+            )
+            self.armed = True
+            return False
+        started = self.watcher.execute(_SERVER_START).fetchone()
+        # Free though the holder beat after the server started: its session ended. Else wait for it.
+        return self.heartbeat_at is None or started is None or self.heartbeat_at >= started[0]
+
     def wait(self, timeout: float) -> bool:
         """Whether something changed within ``timeout`` seconds."""
+        if self.gone:
+            return True
         deadline = time.monotonic() + max(0.0, timeout)
-        sockets = [self.listener.fileno()] + ([self.watcher.fileno()] if self.watcher is not None else [])
         while (left := deadline - time.monotonic()) > 0:
+            if self.watcher is not None and not self.armed:
+                if self._arm():
+                    return True
+                left = min(left, _ARM_EVERY)
+            sockets = [self.listener.fileno()] + (
+                [self.watcher.fileno()] if self.watcher is not None and self.armed else []
+            )
             readable, _, _ = select.select(sockets, [], [], left)
             if self.listener.fileno() in readable and any(True for _ in self.listener.notifies(timeout=0)):
                 return True
-            if self.watcher is not None and self.watcher.fileno() in readable:
+            if self.watcher is not None and self.armed and self.watcher.fileno() in readable:
                 self.watcher.pgconn.consume_input()
                 if not self.watcher.pgconn.is_busy():
                     return True  # the holder's lock was granted to us: it let go or died
@@ -348,6 +542,7 @@ class PgTransaction:
         self.s = backend.schema
         self.missing = missing  # a read of a store not created yet: everything is empty
         self._now: datetime | None = None
+        self._server_start: datetime | None = None
 
     def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if self.missing:
@@ -368,20 +563,33 @@ class PgTransaction:
             self._now = row[0]
         return self._now
 
+    def server_start(self) -> datetime:
+        """When the server last started, or restarted after a crash: every session, and lock, is newer."""
+        if self._server_start is None:
+            self._server_start = self.backend.server_start(self.cursor)
+        return self._server_start
+
     def stale_reason(self, run: Run) -> str | None:
         if run.status.is_terminal:
             return None
         if run.owner_token:
-            high, low = _lock_key(run.owner_token)
-            self.cursor.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = "
-                "'ExclusiveLock' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                "AND classid = %s AND objid = %s AND objsubid = 1)",
-                (high, low),
-            )
+            self.cursor.execute(_HELD, _lock_key(run.owner_token))
             row = self.cursor.fetchone()
-            held = bool(row and row[0])
-            return None if held else "its liveness lock is free: its database session has ended"
+            if row and row[0]:
+                return None
+            beat = run.heartbeat_at
+            if beat is not None and beat < self.server_start():
+                # Its lock went with the server's restart, not with its owner: the owner may be
+                # reconnecting. Judged by its own lease, and given time to ride the outage out.
+                lease = run.owner_lease or DEFAULT_LEASE
+                now = self.now()
+                if now - beat <= timedelta(seconds=lease) or now - self.server_start() <= timedelta(seconds=_COME_BACK):
+                    return None
+                return (
+                    "its liveness lock is free since the server restarted, and no heartbeat for more "
+                    f"than its lease of {lease:g}s"
+                )
+            return "its liveness lock is free: its database session has ended"
         if run.heartbeat_at is None:
             return None
         lease = run.owner_lease or DEFAULT_LEASE
@@ -551,23 +759,44 @@ class PgOwnerLock:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = os.getpid()
         self._guard = threading.Lock()
+        #: Let go of for good: a still_held riding out an outage on another thread must not take it again.
+        self._dropped = False
 
     def acquire(self) -> None:
-        self._conn = self.backend.connect(autocommit=True, **_KEEPALIVES)
+        self._conn = self._connect()
         try:
-            # The server's side of the keepalives: it ends the session of a vanished host.
-            self._conn.execute("SET tcp_keepalives_idle = 10")
-            self._conn.execute("SET tcp_keepalives_interval = 5")
-            self._conn.execute("SET tcp_keepalives_count = 3")
             self._conn.execute("SELECT pg_advisory_lock(%s)", (self._key,))
         except self.backend._psycopg.Error as error:
             self._close()
             raise self.backend.unreachable(error) from None
         _live_locks.add(self)
 
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = self.backend.connect(autocommit=True, **_KEEPALIVES)
+        try:
+            # The server's side of the keepalives: it ends the session of a vanished host.
+            conn.execute("SET tcp_keepalives_idle = 10")
+            conn.execute("SET tcp_keepalives_interval = 5")
+            conn.execute("SET tcp_keepalives_count = 3")
+        except self.backend._psycopg.Error as error:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise self.backend.unreachable(error) from None
+        return conn
+
     def still_held(self) -> bool:
+        """Whether the lock is held; if its connection was lost, take it again if nobody has.
+
+        A server that restarted, or refuses connections while it does, is waited for (with
+        backoff) for up to the backend's :meth:`~PgBackend.outage_window`: readers keep a run
+        whose lock went with a restart for its owner's lease. A server that does not answer at
+        all (a timeout: this host may be cut off from a server that stays up, which frees the
+        lock once its keepalives end the connection) is not waited for. Whether the run is still
+        this session's is for the next heartbeat to say (a reclaim shows in the run).
+        """
         if os.getpid() != self._pid:
             return False
+        psycopg = self.backend._psycopg
         with self._guard:
             try:
                 if self._conn is not None and not self._conn.closed:
@@ -578,17 +807,40 @@ class PgOwnerLock:
                     ).fetchone()
                     if row and row[0]:
                         return True
-            except self.backend._psycopg.Error:
-                pass
-            # Lost with its connection: take it again if nobody has (a reclaim shows in the run).
-            self._close()
-            try:
-                self._conn = self.backend.connect(autocommit=True, **_KEEPALIVES)
-                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
-                return bool(row and row[0])
-            except (StateError, self.backend._psycopg.Error):
+            except psycopg.Error as error:
+                cut_off = _timed_out(error)
+            else:
+                cut_off = False
+            give_up_at = time.monotonic() + (0.0 if cut_off else self.backend.outage_window())
+            pause = _FIRST_PAUSE
+            while True:
                 self._close()
-                return False
+                if self._dropped:
+                    return False
+                try:
+                    self._conn = self._connect()
+                    # Waits (briefly) for a waiter that holds the key shared, as it watches for us
+                    # to go, to let go; nobody else can hold this session's own key.
+                    wait_ms = max(100, int(min(5.0, max(0.0, give_up_at - time.monotonic())) * 1000))
+                    self._conn.execute(f"SET lock_timeout = '{wait_ms}ms'")
+                    self._conn.execute("SELECT pg_advisory_lock(%s)", (self._key,))
+                    if self._dropped:  # let go of meanwhile, on another thread
+                        self._close()
+                        return False
+                    return True
+                except psycopg.errors.LockNotAvailable:
+                    self._close()
+                    return False
+                except (StateError, psycopg.Error) as error:
+                    if _timed_out(error):
+                        give_up_at = 0.0
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    self._close()
+                    self.backend._gave_up = True
+                    return False
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, _LAST_PAUSE)
 
     def release(self) -> None:
         self.drop()
@@ -596,6 +848,7 @@ class PgOwnerLock:
     def drop(self) -> None:
         if os.getpid() != self._pid:
             return  # a forked child that ran on into pytest's end: the lock is its parent's
+        self._dropped = True
         _live_locks.discard(self)
         self._close()
 

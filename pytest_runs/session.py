@@ -207,7 +207,10 @@ class TrackedSession:
                 store.lock_timeout = max(0.1, min(settings.lock_timeout, settings.wait_timeout - waited))
             try:
                 if changed or prepared is None or time.monotonic() >= look_by:
-                    self._still_alive()
+                    if not self._still_alive(progress, waited):
+                        raise StoreUnreachable(
+                            "this session cannot take its liveness lock back: the store is unreachable"
+                        )
                     with self.stopper.deferred():
                         prepared = store.prepare(
                             settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as
@@ -222,10 +225,22 @@ class TrackedSession:
                 progress.show(line=f"pytest-runs: {locked}; still waiting", in_place=f"pytest-runs: {locked}")
                 changed = True
                 continue
+            except StoreUnreachable as unreachable:
+                # The store went away while this session waited (a restart): wait on, within the wait.
+                waited = time.monotonic() - waiting_since
+                if settings.on_busy != "wait" or waited >= settings.wait_timeout:
+                    progress.done()
+                    raise
+                progress.show(line=f"pytest-runs: {unreachable}; still waiting", in_place=f"pytest-runs: {unreachable}")
+                time.sleep(max(0.0, min(_WAKEUP_WAIT_SECONDS, settings.wait_timeout - waited)))
+                changed = True
+                continue
             # A pending run for exactly these tests is a reservation: claim it.
             reserved = outcome is PrepareOutcome.REUSE and run.status is Status.PENDING
             if outcome is PrepareOutcome.CREATED or reserved:
-                self._still_alive(progress)
+                if not self._still_alive(progress, time.monotonic() - waiting_since):
+                    changed = True
+                    continue  # never claimed without the lock: look again once it is back
                 try:
                     with self.stopper.deferred():
                         self.run = self._claim(store, run, busy_since)
@@ -273,20 +288,23 @@ class TrackedSession:
                 time.sleep(pause)
                 changed = True
 
-    def _still_alive(self, progress: _WaitProgress | None = None) -> None:
+    def _still_alive(self, progress: _WaitProgress, waited: float) -> bool:
         """Before each look and each claim: hold the liveness lock, taking it back if it was lost.
 
         A waiter's lock can be lost while it waits (its connection to the database ended); a run
-        in its name is then stale for everyone else, so it must never start on one.
+        in its name is then stale for everyone else, so it must never start on one. False while
+        a waiting session may wait on (the database may be restarting), else it exits.
         """
         if self.liveness is not None and not self.liveness.still_held():
-            if progress is not None:
-                progress.done()
+            if self.settings.on_busy == "wait" and waited < self.settings.wait_timeout:
+                return False
+            progress.done()
             self._refuse(
                 "pytest-runs: this session lost its liveness lock while it waited and cannot take it again; "
                 "no test ran",
                 EXIT_STORE_UNREACHABLE,
             )
+        return True
 
     def _refuse(self, message: str, status: int = EXIT_BUSY) -> NoReturn:
         """No test runs: exit with ``status`` (:data:`EXIT_BUSY`), saying why once."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .backend import Backend, OwnerLock, Transaction
-from .errors import InvalidTransition, RunEnded, RunNotFound, StateError, StoreLocked
+from .errors import ConnectionLost, InvalidTransition, RunEnded, RunNotFound, StateError, StoreLocked
 from .filebackend import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -380,11 +380,17 @@ class Store:
         others get :class:`InvalidTransition` (it is running) or :class:`RunEnded`.
         """
 
+        tried = False
+
         def claim(run: Run, now: datetime) -> None:
+            nonlocal tried
             if run.status.is_terminal:
                 raise RunEnded(run, "start")
             if run.status is not Status.PENDING:
+                if tried and run.status is Status.RUNNING and run.owner_token == changes.get("owner_token", "") != "":
+                    raise _Done(run)  # a retry: the attempt whose answer was lost had claimed it
                 raise InvalidTransition(f"run {run.id} is already {run.status.value}")
+            tried = True
             changes.setdefault("started_at", now)
             _apply(run, status=Status.RUNNING, **changes)
 
@@ -437,11 +443,17 @@ class Store:
     def _end(self, run_id: str, action: str, owner: Owner | None = None, **outcome: Any) -> Run:
         """Apply a terminal ``outcome`` to a run that has not ended; :class:`RunEnded` if it has."""
 
+        tried = False
+
         def end(run: Run, now: datetime) -> None:
+            nonlocal tried
             if run.status.is_terminal:
+                if tried and owner is not None and owner.owns(run) and _same_outcome(run, outcome):
+                    raise _Done(run)  # a retry: the attempt whose answer was lost had ended it so
                 raise RunEnded(run, action)
             if owner is not None and not owner.owns(run):
                 raise InvalidTransition(f"run {run.id} is owned by another process ({describe_owner(run)})")
+            tried = True
             _apply(run, **outcome)
             run.ended_at = run.ended_at or now
 
@@ -603,14 +615,25 @@ class Store:
         return run.id
 
     def _modify(self, run_id: str, change: Callable[[Run, datetime], None], *, durable: bool = True) -> Run:
-        with self._transaction(durable=durable) as tx:
-            run = _found(tx.get(run_id), run_id)
-            was_terminal = run.status.is_terminal
-            change(run, tx.now())
-            tx.replace(run)
-            if run.status.is_terminal and not was_terminal:
-                self._ended(tx, run.machine)
-            return run
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with self._transaction(durable=durable) as tx:
+                    run = _found(tx.get(run_id), run_id)
+                    was_terminal = run.status.is_terminal
+                    change(run, tx.now())
+                    tx.replace(run)
+                    if run.status.is_terminal and not was_terminal:
+                        self._ended(tx, run.machine)
+                    return run
+            except _Done as done:
+                return done.run
+            except ConnectionLost:
+                # The connection closed inside the transaction, perhaps after it committed: do it
+                # again (each change recognises its own earlier effect, raising _Done).
+                if attempts >= _ATTEMPTS:
+                    raise
 
     def _ended(self, tx: Transaction, machine: str) -> None:
         """A run of ``machine`` ended: retention, then the machine goes to the first live waiter for it."""
@@ -686,6 +709,23 @@ class Store:
                 return  # a symlinked runs folder leads outside the store: delete nothing through it
             # rmtree refuses a symlinked root and never follows symlinks inside it.
             shutil.rmtree(folder, ignore_errors=True)
+
+
+#: How many times a change is tried when the connection closes inside its transaction.
+_ATTEMPTS = 3
+
+
+class _Done(Exception):
+    """A retried change finds that its earlier attempt, whose answer was lost, had applied."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(run.id)
+        self.run = run
+
+
+def _same_outcome(run: Run, outcome: dict[str, Any]) -> bool:
+    """Whether the ended ``run`` ended with ``outcome`` (its end time aside)."""
+    return all(getattr(run, name) == value for name, value in outcome.items() if name != "ended_at")
 
 
 def _beat_due(waiter: Waiter, now: datetime) -> bool:
