@@ -40,6 +40,8 @@ from array import array
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from . import sharing
+
 __all__ = ["DEFAULT_IGNORE", "RACY_SECONDS", "HashCache", "HashError", "hash_test_dir"]
 
 #: Names left out of the hash wherever they appear in the tree.
@@ -177,6 +179,7 @@ class HashCache:
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
                 with open(fd, "wb") as handle:
+                    sharing.share_file(fd, sharing.shared_folder(self.path.parent))  # 0660 in a shared store
                     handle.write(data)
                 os.replace(temporary, self.path)
             except OSError:

@@ -24,12 +24,14 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
+from . import sharing
 from .backend import Backend, OwnerLock, Transaction
 from .errors import InvalidTransition, RunEnded, RunNotFound, StateError, StoreLocked
 from .filebackend import (
@@ -423,7 +425,10 @@ class Store:
         )
 
     def release(self, run_id: str, reason: str) -> Run:
-        """Free a machine whose holder is gone: end the run as ``interrupted``/``released``."""
+        """Free a machine whose holder is gone: end the run as ``interrupted``/``released``.
+
+        ``released_by`` records who did: this process's user and host, ``user@host``.
+        """
         _require_name(reason, "reason")
         return self._end(
             run_id,
@@ -431,6 +436,7 @@ class Store:
             status=Status.INTERRUPTED,
             error_code="released",
             error_msg=f"released: {reason}",
+            released_by=f"{sharing.user_name()}@{socket.gethostname()}",
             ended_at=None,
         )
 
@@ -540,7 +546,9 @@ class Store:
         return self.state_dir / RUNS_DIR_NAME / run_id
 
     def make_run_dir(self, run_id: str) -> Path:
-        """Create (0700, whatever the umask) the run folder and its ``artifacts`` folder; return the run folder.
+        """Create (0700, 2770 in a shared store, whatever the umask) the run folder and its ``artifacts`` folder.
+
+        Returns the run folder.
 
         Never follows a symlink: a ``runs`` folder, run folder or ``artifacts`` folder that
         is a symbolic link (or not a folder) is refused with :class:`StateError`.
@@ -552,7 +560,7 @@ class Store:
         return folder
 
     def open_log(self, run_id: str) -> IO[str]:
-        """The run's ``log.jsonl``, opened to append (0600, never through a symlink), UTF-8."""
+        """The run's ``log.jsonl``, opened to append (0600, 0660 in a shared store, never through a symlink), UTF-8."""
         path = self.make_run_dir(run_id) / "log.jsonl"
         fd = open_regular_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "run log")
         return open(fd, "a", encoding="utf-8", errors="backslashreplace")
