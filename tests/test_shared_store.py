@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -55,6 +55,8 @@ class Lab:
     bob: str
     root: Path
     python: str = sys.executable
+    #: Where the copied interpreter's shared library is, for a copy (its runpath is the original's).
+    library_path: str = ""
 
     @property
     def site(self) -> Path:
@@ -84,6 +86,7 @@ class Lab:
             "STARTED_MARKER": str(markers / f"{name}.started"),
             "RELEASE_FILE": str(markers / f"{name}.release"),
             "PYTHONPATH": str(self.site),
+            **({"LD_LIBRARY_PATH": self.library_path} if self.library_path else {}),
         }
 
     def command(self, user: str | None, argv: list[str], env: dict[str, str], umask: str | None = None) -> list[str]:
@@ -173,7 +176,7 @@ def _run(*argv: str) -> None:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def lab(portable_python: Callable[[], Path]) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.skip("creating Unix users and running sessions as them (groupadd, useradd, runuser) needs root")
     for tool in ("groupadd", "useradd", "userdel", "groupdel", "runuser"):
@@ -201,7 +204,7 @@ def lab() -> Iterator[Lab]:
         state.chmod(0o2770)  # the README's recipe: chgrp lab DIR && chmod 2770 DIR
         here = Lab(group, gid, alice, bob, root)
         _copy_runtime(here.site)
-        here.python = _interpreter_for(here)
+        here.python = _interpreter_for(here, portable_python)
         yield here
     finally:
         for command, name in made:
@@ -254,13 +257,25 @@ def _copy_runtime(site: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def _interpreter_for(lab: Lab) -> str:
-    """This interpreter if the test users can run it, else one of the same version that they can; or skip."""
+def _interpreter_for(lab: Lab, portable: Callable[[], Path]) -> str:
+    """This interpreter if the test users can run it, else one of the same version that they can; or skip.
+
+    The last resort is a copy of this interpreter (``portable``) in a folder they can read.
+    """
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    candidates = [sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+    candidates: list[str | Callable[[], Path]] = [
+        *dict.fromkeys([sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]),
+        portable,
+    ]
     check = f"import sys, pytest, pytest_runs; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}"
     failures = []
-    for python in dict.fromkeys(candidates):
+    for candidate in candidates:
+        if callable(candidate):
+            copy = candidate()
+            lab.library_path = str(copy / "lib")
+            python = str(copy / "bin" / f"python{version}")
+        else:
+            python = candidate
         done = subprocess.run(
             lab.command(lab.alice, [python, "-S", "-c", check], lab.env("probe")),
             capture_output=True,
@@ -271,6 +286,49 @@ def _interpreter_for(lab: Lab) -> str:
             return python
         failures.append(f"{python}: {(done.stderr.strip().splitlines() or [str(done.returncode)])[-1]}")
     pytest.skip(f"no Python {version} that a test user can run: {'; '.join(failures)}")
+
+
+@pytest.fixture(scope="session")
+def portable_python() -> Iterator[Callable[[], Path]]:
+    """On demand, once per test session: this interpreter and its standard library copied where every user can read.
+
+    For an interpreter installed where other users cannot go (pyenv under /root): the
+    program, its shared library and its standard library without site-packages, tests
+    and build files, bytecode caches kept. Removed at the end.
+    """
+    made: list[Path] = []
+
+    def copy() -> Path:
+        if made:
+            return made[0]
+        prefix, version = Path(sys.base_prefix), f"{sys.version_info.major}.{sys.version_info.minor}"
+        target = Path(tempfile.mkdtemp(prefix="pytest-runs-python-", dir="/tmp"))
+        made.append(target)
+        (target / "bin").mkdir()
+        shutil.copy2(Path(sys.executable).resolve(), target / "bin" / f"python{version}")
+        (target / "lib").mkdir()
+        for library in (prefix / "lib").glob(f"libpython{version}*.so*"):
+            shutil.copy2(library, target / "lib" / library.name, follow_symlinks=False)
+        skipped = ("site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "config-*")
+        shutil.copytree(
+            prefix / "lib" / f"python{version}",
+            target / "lib" / f"python{version}",
+            ignore=lambda folder, names: (
+                shutil.ignore_patterns(*skipped)(folder, names)
+                if Path(folder) == prefix / "lib" / f"python{version}"
+                else set()
+            ),
+            symlinks=True,
+        )
+        (target / "lib" / f"python{version}" / "site-packages").mkdir()
+        for path in (target, *target.rglob("*")):
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() or path.parent.name == "bin" else 0o644)
+        return target
+
+    yield copy
+    for target in made:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def modes(folder: Path) -> dict[str, tuple[int, int]]:
