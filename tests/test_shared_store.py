@@ -57,6 +57,8 @@ class Lab:
     python: str = sys.executable
     #: Where the copied interpreter's shared library is, for a copy (its runpath is the original's).
     library_path: str = ""
+    #: Every session started, each the leader of its process group: what is left of them is killed at the end.
+    started: list[subprocess.Popen[str]] = dataclasses.field(default_factory=list)
 
     @property
     def site(self) -> Path:
@@ -113,7 +115,7 @@ class Lab:
         logs = self.root / "logs"
         argv = [self.python, "-S", *PYTEST[1:], "-p", "pytest_runs.plugin", "--runs-machine=rig-1", *args]
         with (logs / f"{name}.out").open("w") as out:
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 self.command(user, argv, env, umask),
                 cwd=project,
                 stdin=subprocess.DEVNULL,
@@ -122,6 +124,8 @@ class Lab:
                 text=True,
                 start_new_session=True,
             )
+        self.started.append(process)
+        return process
 
     def output(self, name: str) -> str:
         return (self.root / "logs" / f"{name}.out").read_text(errors="replace")
@@ -186,6 +190,7 @@ def lab(portable_python: Callable[[], Path]) -> Iterator[Lab]:
     group, alice, bob = f"prlab{tag}", f"pra{tag}", f"prb{tag}"
     root = Path(tempfile.mkdtemp(prefix="pytest-runs-shared-", dir="/tmp"))
     made: list[tuple[str, str]] = []
+    here: Lab | None = None
     try:
         _run("groupadd", group)
         made.append(("groupdel", group))
@@ -207,9 +212,21 @@ def lab(portable_python: Callable[[], Path]) -> Iterator[Lab]:
         here.python = _interpreter_for(here, portable_python)
         yield here
     finally:
+        for process in here.started if here is not None else []:
+            kill_group(process)
         for command, name in made:
-            subprocess.run([command, name], capture_output=True, timeout=60)
+            _remove(command, name)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove(command: str, name: str) -> None:
+    """``userdel``/``groupdel NAME``, again while the user's last processes end (``userdel`` refuses then)."""
+    deadline = time.monotonic() + 30
+    while subprocess.run([command, name], capture_output=True, timeout=60).returncode not in (0, 6):
+        if time.monotonic() > deadline:
+            subprocess.run([command, "--force", name], capture_output=True, timeout=60)
+            return
+        time.sleep(0.2)
 
 
 def _runtime_modules() -> set[str]:
@@ -488,7 +505,9 @@ def test_a_reader_that_cannot_ask_a_lock_says_so(lab: Lab) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
+        lab.started.append(alice)
         deadline = time.monotonic() + BOUND
         while not ready.exists():
             assert alice.poll() is None, alice.communicate()[0]
