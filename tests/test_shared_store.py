@@ -559,3 +559,29 @@ def test_release_of_another_users_run_says_whose_it_was_and_records_who_released
         assert done.stdout == f"released run {own['id']} on rig-1 (now interrupted): mine\n", done
     finally:
         kill_group(alice_again)
+
+
+def test_a_shared_store_of_ones_own_group_is_group_rw_under_umask_077(tmp_path: Path) -> None:
+    """Without other users (any user may run it): a session under umask 077 in a 2770 state dir of its own group."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_it.py").write_text(PASS)
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o2770)
+    done = subprocess.run(
+        ["sh", "-c", 'umask 077 && exec "$@"', "sh", *PYTEST, "--runs-machine=rig-1"],
+        cwd=project,
+        env={**os.environ, "PYTEST_RUNS_STATE_DIR": str(state)},
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = modes(state)
+    assert len(found) > 8, sorted(found)
+    for path, (mode, gid) in found.items():
+        kind = "folder" if (state / path).is_dir() else "file"
+        wanted = 0o2770 if kind == "folder" else 0o660
+        assert (mode, gid) == (wanted, state.stat().st_gid), f"{kind} {path}: {mode:04o}"
