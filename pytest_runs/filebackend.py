@@ -142,7 +142,9 @@ class FileBackend:
 
     ``state_dir`` is created 0700 on the first write; a transaction that only reads a store
     that does not exist creates nothing. An existing state dir that others may write to is
-    refused. Entering a transaction waits at most ``lock_timeout`` seconds for the
+    refused, and so is one with a file or folder this user cannot use (:func:`check_state_dir`);
+    in a state dir shared with a group, files are 0660 and folders 2770 (:mod:`pytest_runs.sharing`).
+    Entering a transaction waits at most ``lock_timeout`` seconds for the
     in-process and the cross-process lock, then raises :class:`StoreLocked`.
     """
 
@@ -1099,7 +1101,13 @@ def _refuse_symlink(path: Path, what: str) -> None:
 
 
 def check_state_dir(where: Path) -> None:
-    """Refuse a state dir that can never work, or that others may write to."""
+    """Refuse a state dir that can never work, that others may write to, or that this user cannot fully use.
+
+    The last: a file or folder of the store (its own files, ``history/``, ``owners/``,
+    ``hash-cache/``, ``runs/``) that this user cannot read or write as pytest-runs needs,
+    named in one line with what to do; a mode that becomes right within a second (a file
+    another session has just created and not yet given its mode) is not one.
+    """
     try:
         info = os.lstat(where)
     except FileNotFoundError:

@@ -114,7 +114,8 @@ class HashCache:
     last hashing (when it left no file out), then a SHA-256 of all of that. Load and save
     never raise: an unreadable, foreign, truncated or corrupt cache file (its checksum
     does not match) is treated as empty (it is a cache, and starts over); a cache that
-    cannot be written is not written. The file is written atomically, 0600, and never
+    cannot be written is not written. The file is written atomically, 0600 (0660 in a
+    group-shared state dir, :mod:`pytest_runs.sharing`), and never
     through a symlink, and not at all when nothing in it would change.
     """
 

@@ -135,8 +135,10 @@ class Store:
     ``state_dir`` holds run folders (logs, artifacts), liveness locks and hash caches, and,
     with the default backend, the runs themselves; it is created with mode 0700 on the
     first write, and reading a store that does not exist creates nothing. An existing state
-    dir that others may write to is refused. Returned runs are copies: changing one changes
-    nothing until :meth:`update`. Every call waits at most ``lock_timeout`` seconds for the
+    dir that others may write to is refused; one shared with a group (setgid, group write:
+    :mod:`pytest_runs.sharing`) gets group-writable files and folders; one that this user
+    cannot fully use is refused, naming what it cannot use. Returned runs are copies:
+    changing one changes nothing until :meth:`update`. Every call waits at most ``lock_timeout`` seconds for the
     store's locks, then raises :class:`StoreLocked`.
 
     ``keep`` (retention): when a run ends, only the ``keep`` newest ended runs of its
