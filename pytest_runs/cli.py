@@ -9,6 +9,7 @@ the output went away.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from .display import describe_holder, format_ago, format_duration, held_for, own
 from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .identity import read_hash_ignore
-from .liveness import DEFAULT_LEASE
+from .liveness import DEFAULT_LEASE, lock_path
 from .model import PrepareOutcome, Run, Status, run_created_at
 from .options import EXIT_BUSY, EXIT_STORE_UNREACHABLE
 from .owner import Owner
@@ -40,6 +41,7 @@ from .settings import (
     resolve_state_dir,
     split_store,
 )
+from .sharing import user_name
 from .store import MachineState, RunEnded, RunNotFound, StateError, Store, open_store
 
 __all__ = ["main"]
@@ -496,8 +498,25 @@ def _release(store: Store, args: argparse.Namespace) -> int:
         _print_json(run.to_dict())
     else:
         # The record's error_msg is "released: REASON"; the line says "released" once.
-        print(f"released run {run.id} on {run.machine} (now {run.status.value}): {args.reason}")
+        whose = _whose(store, run)
+        whose_run = f"{whose}'s run" if whose else "run"  # another user's: say whose it was
+        print(f"released {whose_run} {run.id} on {run.machine} (now {run.status.value}): {args.reason}")
     return EXIT_OK
+
+
+def _whose(store: Store, run: Run) -> str | None:
+    """The user whose session made ``run`` (its liveness lock's or run folder's owner), if not this user."""
+    places = [store.run_dir(run.id)]
+    if run.owner_token:
+        with contextlib.suppress(ValueError):
+            places.insert(0, lock_path(store.state_dir, run.owner_token))
+    for place in places:
+        try:
+            uid = os.lstat(place).st_uid
+        except OSError:
+            continue
+        return None if uid == os.geteuid() else user_name(uid)
+    return None
 
 
 def _prune(store: Store, args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from .liveness import unprobed
 from .model import Run, format_timestamp, run_created_at
 
 __all__ = ["describe_holder", "format_ago", "format_duration", "held_for", "held_since", "owner_of"]
@@ -70,7 +71,13 @@ def describe_holder(run: Run, now: datetime | None = None) -> str:
 
 
 def owner_of(run: Run) -> str:
-    """``host ci-7 PID 4242``, as far as the run records it; ``""`` if it does not."""
+    """``host ci-7 PID 4242``, as far as the run records it; ``""`` if it does not.
+
+    Says so when this process could not ask its liveness lock (another user's, not shared).
+    """
     host = f"host {run.owner_host}" if run.owner_host else ""
     pid = f"PID {run.owner_pid}" if run.owner_pid is not None else ""
-    return " ".join(part for part in (host, pid) if part)
+    who = " ".join(part for part in (host, pid) if part)
+    if run.owner_token and (why := unprobed(run.owner_token)):
+        who = f"{who or 'its owner'} ({why})"  # judged by its lease, not its lock: say so
+    return who

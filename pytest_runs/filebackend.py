@@ -68,7 +68,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import liveness
+from . import liveness, sharing
 from .errors import StateError, StoreLocked
 from .model import Run, in_run_order, run_created_at, run_order
 from .owner import boot_id
@@ -170,7 +170,9 @@ class FileBackend:
 
     ``state_dir`` is created 0700 on the first write; a transaction that only reads a store
     that does not exist creates nothing. An existing state dir that others may write to is
-    refused. Entering a transaction waits at most ``lock_timeout`` seconds for the
+    refused, and so is one with a file or folder this user cannot use (:func:`check_state_dir`);
+    in a state dir shared with a group, files are 0660 and folders 2770 (:mod:`pytest_runs.sharing`).
+    Entering a transaction waits at most ``lock_timeout`` seconds for the
     in-process and the cross-process lock, then raises :class:`StoreLocked`.
     """
 
@@ -246,7 +248,7 @@ class FileBackend:
             )
         try:
             self._inside.active = True
-            _refuse_symlink(self.lock_path, "lock file")
+            _make_lock_file(self.lock_path)
             try:
                 self._file_lock.acquire(timeout=self.lock_timeout)
             except TimeoutError:
@@ -566,9 +568,10 @@ class FileBackend:
         made_backup = state.version < FORMAT_VERSION and _link_if_absent(self.state_path, backup)
         tmp_path: str | None = None
         try:
-            # mkstemp creates the file 0600 whatever the umask.
+            # mkstemp creates the file 0600 whatever the umask (0660 in a shared store, below).
             fd, tmp_path = tempfile.mkstemp(dir=self.state_dir, prefix=f".{STATE_FILE_NAME}.", suffix=".tmp")
             try:
+                sharing.share_file(fd, sharing.shared_folder(self.state_dir))
                 _write_all(fd, data, 0)
                 os.fsync(fd)
             finally:
@@ -1181,6 +1184,14 @@ def _link_if_absent(source: Path, link: Path) -> bool:
         return False
     except OSError as error:
         raise StateError(f"cannot keep a backup of {source} as {link}: {_oserror_text(error)}") from None
+    if sharing.shared_folder(link.parent):
+        # The old file's own bytes, kept for the group too (if this user may change its mode).
+        with contextlib.suppress(OSError):
+            fd = os.open(link, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                sharing.share_file(fd, True)
+            finally:
+                os.close(fd)
     return True
 
 
@@ -1193,13 +1204,33 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+def _make_lock_file(path: Path) -> None:
+    """Refuse a symlinked lock file; create a missing one with the store's modes (0660 when shared)."""
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            os.close(open_regular_file(path, os.O_RDWR | os.O_CREAT, "lock file"))
+        return
+    except OSError:
+        return  # opening it to lock it says what is wrong
+    if is_link:
+        raise StateError(f"lock file {path} is a symbolic link; refusing to use it")
+
+
 def _refuse_symlink(path: Path, what: str) -> None:
     if path.is_symlink():
         raise StateError(f"{what} {path} is a symbolic link; refusing to use it")
 
 
 def check_state_dir(where: Path) -> None:
-    """Refuse a state dir that can never work, or that others may write to."""
+    """Refuse a state dir that can never work, that others may write to, or that this user cannot fully use.
+
+    The last: a file or folder of the store (its own files, ``history/``, ``owners/``,
+    ``hash-cache/``, ``runs/``) that this user cannot read or write as pytest-runs needs,
+    named in one line with what to do; a mode that becomes right within a second (a file
+    another session has just created and not yet given its mode) is not one.
+    """
     try:
         info = os.lstat(where)
     except FileNotFoundError:
@@ -1215,10 +1246,111 @@ def check_state_dir(where: Path) -> None:
     if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
         raise StateError(
             f"state dir {where} can be written by any user (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"make it private with: chmod 700 {where}"
+            f"make it private with: chmod 700 {where} (or share it with a group: chgrp GROUP {where} && "
+            f"chmod 2770 {where})"
         )
     if not os.access(where, os.W_OK | os.X_OK):
-        raise StateError(f"state dir {where} is not writable")
+        raise StateError(f"state dir {where} is not writable{_state_dir_advice(where, info)}")
+    if problem := _unusable_entry(where, sharing.is_shared(info.st_mode)):
+        raise StateError(problem)
+
+
+#: What a user needs of each thing in a state dir to use it fully: sessions, list, machines, prune.
+_RW, _R, _RWX = os.R_OK | os.W_OK, os.R_OK, os.R_OK | os.W_OK | os.X_OK
+#: The folders of a state dir, and what of the files in each is needed (the others are not ours).
+_STORE_FOLDERS: tuple[tuple[str, re.Pattern[str] | None, int], ...] = (
+    (HISTORY_DIR_NAME, _HISTORY_FILE, _RW),
+    (liveness.OWNERS_DIR_NAME, re.compile(r"^[0-9a-f]{32}\.lock$"), _R),  # probed, never written by others
+    ("hash-cache", re.compile(r"^[0-9a-f]{32}\.bin$"), _R),  # replaced by a rename, never written in place
+    ("runs", None, 0),  # each session makes its own run folder in it
+)
+#: How long a file found unusable gets to become usable: its creator sets its mode just after creating it.
+_SETTLE_SECONDS = (0.2, 0.8)
+
+
+def _store_entries(where: Path) -> Iterator[tuple[Path, int]]:
+    """Each thing in the state dir ``where`` that pytest-runs uses, and the access it needs."""
+    yield where / LOCK_FILE_NAME, _RW
+    yield where / STATE_FILE_NAME, _R  # replaced by a rename
+    for slot in (0, 1):
+        yield where / f"{SLOT_FILE_NAME}.{slot}", _RW  # written in place
+    for name, pattern, need in _STORE_FOLDERS:
+        folder = where / name
+        yield folder, _RWX
+        if pattern is not None:
+            try:
+                names = sorted(entry.name for entry in os.scandir(folder))
+            except OSError:
+                continue  # missing, a symlink or unreadable: using it says so (unreadable: above)
+            yield from ((folder / entry, need) for entry in names if pattern.match(entry))
+
+
+def _lacks(path: Path, need: int) -> int:
+    """The access of ``need`` this user lacks on ``path`` (0: it has it, or ``path`` is gone or not ours)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0
+    if not (stat.S_ISDIR if need & os.X_OK else stat.S_ISREG)(info.st_mode):
+        return 0  # a symlink, a special file, a file for a folder: refused, naming it, when it is used
+    return sum(bit for bit in (os.R_OK, os.W_OK, os.X_OK) if need & bit and not os.access(path, bit))
+
+
+def _first_unusable(where: Path) -> tuple[Path, int] | None:
+    for path, need in _store_entries(where):
+        if lacking := _lacks(path, need):
+            return path, lacking
+    return None
+
+
+def _unusable_entry(where: Path, shared: bool) -> str | None:
+    """One line naming a file or folder of the store this user cannot use, and what to do; ``None`` if all is well."""
+    found = _first_unusable(where)
+    for pause in _SETTLE_SECONDS:
+        if found is None:
+            return None
+        # Another session may have created it a moment ago and not yet set its mode: look again.
+        time.sleep(pause)
+        found = _first_unusable(where)
+    if found is None:
+        return None
+    path, lacking = found
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    folder = stat.S_ISDIR(info.st_mode)
+    verbs = [verb for bit, verb in ((os.R_OK, "read"), (os.W_OK, "written"), (os.X_OK, "entered")) if lacking & bit]
+    me, owner, group = sharing.user_name(), sharing.user_name(info.st_uid), sharing.group_name(info.st_gid)
+    what = f"{'folder' if folder else 'file'} {path} cannot be {' or '.join(verbs)} by user {me}"
+    facts = f"(owner {owner}, group {group}, mode {stat.S_IMODE(info.st_mode):04o})"
+    bits = "2770" if folder else "g+rw"
+    if shared:
+        store_group = sharing.group_name(os.stat(where).st_gid)
+        if group != store_group:
+            advice = f"give it the store's group: chgrp {store_group} {path} && chmod {bits} {path}"
+        else:
+            advice = f"make it group-{'writable' if folder else 'readable and -writable'}: chmod {bits} {path}"
+    elif info.st_uid != os.geteuid():
+        advice = (
+            f"the store is private and this is {owner}'s: give it back (chown {me} {path}) "
+            "or share the store with a group (see the README, sharing a state dir between users)"
+        )
+    else:
+        advice = f"chmod u+rw{'x' if folder else ''} {path}"
+    return f"store {where} cannot be used: {what} {facts}; {advice}"
+
+
+def _state_dir_advice(where: Path, info: os.stat_result) -> str:
+    """Why this user may not use the state dir, and what to do, for a state dir it cannot write."""
+    me, owner, group = sharing.user_name(), sharing.user_name(info.st_uid), sharing.group_name(info.st_gid)
+    facts = f" by user {me} (owner {owner}, group {group}, mode {stat.S_IMODE(info.st_mode):04o})"
+    if sharing.is_shared(info.st_mode) and info.st_gid not in os.getgroups() and info.st_gid != os.getegid():
+        return f"{facts}: it is shared with group {group}; add {me} to it (usermod -aG {group} {me}) and log in again"
+    if info.st_uid != os.geteuid():
+        share = f"chgrp GROUP {where} && chmod 2770 {where}"
+        return f"{facts}: it is {owner}'s; use a state dir of your own, or share it: {share}"
+    return facts
 
 
 def ensure_state_dir(where: Path) -> None:
@@ -1263,32 +1395,43 @@ def lock_holders(path: Path) -> list[int]:
 
 
 def open_regular_file(path: Path, flags: int, what: str) -> int:
-    """Open ``path`` (created 0600 with ``O_CREAT``) never through a symlink, and only if it is a regular file.
+    """Open ``path`` never through a symlink, and only if it is a regular file.
+
+    Created with ``O_CREAT``: 0600, or 0660 in a shared folder (:mod:`pytest_runs.sharing`).
 
     ``FileNotFoundError`` passes through; any other failure is a :class:`StateError` naming ``what``.
     """
     try:
         # O_NONBLOCK: a FIFO put in a file's place must be refused, not wait for a writer for ever.
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        shared = bool(flags & os.O_CREAT) and sharing.shared_folder(path.parent)
+        mode = sharing.FILE_SHARED if shared else sharing.FILE_PRIVATE
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except FileNotFoundError:
         raise
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise StateError(f"{what} {path} is a symbolic link; refusing to use it") from None
         raise StateError(f"cannot open {what} {path}: {_oserror_text(error)}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{what} {path} is not a regular file")
+        sharing.share_file(fd, shared)
+    except OSError as error:
         os.close(fd)
-        raise StateError(f"{what} {path} is not a regular file")
+        raise StateError(f"cannot make {what} {path} group-writable: {_oserror_text(error)}") from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
 def make_private_dir(path: Path) -> None:
-    """Create a 0700 folder (whatever the umask) unless it exists; refuse a symlink or non-folder there."""
+    """Create a 0700 folder (2770 in a shared folder), whatever the umask, unless it exists.
+
+    Refuses a symlink or non-folder there.
+    """
     try:
-        os.mkdir(path, 0o700)
-        os.chmod(path, 0o700)
-    except FileExistsError:
-        pass
+        sharing.make_dir(path)
     except OSError as error:
         raise StateError(f"cannot create {path}: {_oserror_text(error)}") from None
     info = os.lstat(path)

@@ -40,6 +40,8 @@ from array import array
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from . import sharing
+
 __all__ = ["DEFAULT_IGNORE", "RACY_SECONDS", "HashCache", "HashError", "hash_test_dir"]
 
 #: Names left out of the hash wherever they appear in the tree.
@@ -112,7 +114,8 @@ class HashCache:
     last hashing (when it left no file out), then a SHA-256 of all of that. Load and save
     never raise: an unreadable, foreign, truncated or corrupt cache file (its checksum
     does not match) is treated as empty (it is a cache, and starts over); a cache that
-    cannot be written is not written. The file is written atomically, 0600, and never
+    cannot be written is not written. The file is written atomically, 0600 (0660 in a
+    group-shared state dir, :mod:`pytest_runs.sharing`), and never
     through a symlink, and not at all when nothing in it would change.
     """
 
@@ -177,6 +180,7 @@ class HashCache:
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
                 with open(fd, "wb") as handle:
+                    sharing.share_file(fd, sharing.shared_folder(self.path.parent))  # 0660 in a shared store
                     handle.write(data)
                 os.replace(temporary, self.path)
             except OSError:

@@ -42,6 +42,7 @@ import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from . import sharing
 from .model import Run
 
 __all__ = ["DEFAULT_LEASE", "OWNERS_DIR_NAME", "LivenessLock", "lock_path", "probe", "stale_reason"]
@@ -57,6 +58,8 @@ _TOKEN = re.compile(r"^[0-9a-f]{32}$")
 _held_here: set[str] = set()
 _held_locks: list[LivenessLock] = []
 _held_guard = threading.Lock()
+# Tokens whose lock this process found there but not readable, and why: the lease judged them.
+_unprobed: dict[str, str] = {}
 _OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
 _OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
 
@@ -124,14 +127,20 @@ class LivenessLock:
         self._identity: tuple[int, int] | None = None
 
     def acquire(self) -> None:
-        """Create the lock file (0600, never following symlinks) and lock it; ``OSError`` if that fails."""
+        """Create the lock file (never following symlinks) and lock it; ``OSError`` if that fails.
+
+        0600 in a private store; in a shared one (:mod:`pytest_runs.sharing`) 0660, whatever
+        the umask, so that every member of the group can probe it.
+        """
         folder = self.path.parent
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(folder, 0o700)
+        sharing.make_dir(folder)
         if not stat.S_ISDIR(os.lstat(folder).st_mode):
             raise OSError(errno.ENOTDIR, f"{folder} is not a folder")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        shared = sharing.shared_folder(folder)
+        mode = sharing.FILE_SHARED if shared else sharing.FILE_PRIVATE
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
+            sharing.share_file(fd, shared)
             _lock_exclusively(fd)
         except OSError:
             os.close(fd)
@@ -214,7 +223,8 @@ def probe(state_dir: Path, token: str) -> bool | None:
     ``None`` when there is no lock file to ask (or it is not a plain file): the owner
     creates it before its run names the token and removes it only after its run has
     ended, so for a run still active that is tampering, and the caller must judge by
-    other means. A token that is not ours gives ``False``.
+    other means. A token that is not ours gives ``False``. ``PermissionError`` when the
+    file is there but this user may not read it (another user's, in a store not shared).
     """
     with _held_guard:
         if token in _held_here:
@@ -225,6 +235,8 @@ def probe(state_dir: Path, token: str) -> bool | None:
         return False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError:
+        raise  # there, but not for this user to ask: the caller must say so
     except OSError:
         return None
     try:
@@ -233,6 +245,11 @@ def probe(state_dir: Path, token: str) -> bool | None:
         return _is_locked(fd)
     finally:
         os.close(fd)
+
+
+def unprobed(token: str) -> str | None:
+    """Why this process could not ask the liveness lock of ``token``, if it tried and could not."""
+    return _unprobed.get(token)
 
 
 def observable(run: Run, boot_id: str) -> bool:
@@ -250,16 +267,24 @@ def stale_reason(run: Run, now: datetime, boot_id: str, state_dir: Path) -> str 
     """
     if run.status.is_terminal:
         return None
+    lease = run.owner_lease or DEFAULT_LEASE
     if observable(run, boot_id):
         try:
             alive = probe(state_dir, run.owner_token)
+        except PermissionError as error:
+            alive = None  # not this user's to ask: the lease decides, and readers are told (unprobed)
+            _unprobed[run.owner_token] = (
+                f"its liveness lock {lock_path(state_dir, run.owner_token)} cannot be read by user "
+                f"{sharing.user_name()} ({error.strerror}), so it counts as alive until its lease of {lease:g}s "
+                "runs out; share the store with a group (see the README)"
+            )
         except OSError:
             alive = None  # this file system cannot tell: fall back to the lease
         if alive is not None:
+            _unprobed.pop(run.owner_token, None)
             return None if alive else "its liveness lock is free: the owning process has ended"
     if run.heartbeat_at is None:
         return None
-    lease = run.owner_lease or DEFAULT_LEASE
     if now - run.heartbeat_at > timedelta(seconds=lease):
         return f"no heartbeat for more than its lease of {lease:g}s"
     return None

@@ -118,6 +118,7 @@ OPTIONAL_KEYS = frozenset(
         "fence",
         "summary",
         "waited_since",
+        "released_by",
     }
 )
 # Ten years: longer leases overflow date arithmetic, and no owner needs one.
@@ -174,6 +175,8 @@ class Run:
     summary: dict[str, Any] | None = None
     #: When the session that runs it began to wait for a machine (only for one that waited).
     waited_since: datetime | None = None
+    #: Who ended it with ``release``: ``user@host`` (only for a released run).
+    released_by: str = ""
 
     def __post_init__(self) -> None:
         # Not a dataclass field: the fields are exactly the contract's keys. Keys written by

@@ -24,12 +24,14 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
+from . import sharing
 from .backend import Backend, OwnerLock, Transaction
 from .errors import ConnectionLost, InvalidTransition, RunEnded, RunNotFound, StateError, StoreLocked
 from .filebackend import (
@@ -133,8 +135,10 @@ class Store:
     ``state_dir`` holds run folders (logs, artifacts), liveness locks and hash caches, and,
     with the default backend, the runs themselves; it is created with mode 0700 on the
     first write, and reading a store that does not exist creates nothing. An existing state
-    dir that others may write to is refused. Returned runs are copies: changing one changes
-    nothing until :meth:`update`. Every call waits at most ``lock_timeout`` seconds for the
+    dir that others may write to is refused; one shared with a group (setgid, group write:
+    :mod:`pytest_runs.sharing`) gets group-writable files and folders; one that this user
+    cannot fully use is refused, naming what it cannot use. Returned runs are copies:
+    changing one changes nothing until :meth:`update`. Every call waits at most ``lock_timeout`` seconds for the
     store's locks, then raises :class:`StoreLocked`.
 
     ``keep`` (retention): when a run ends, only the ``keep`` newest ended runs of its
@@ -429,7 +433,10 @@ class Store:
         )
 
     def release(self, run_id: str, reason: str) -> Run:
-        """Free a machine whose holder is gone: end the run as ``interrupted``/``released``."""
+        """Free a machine whose holder is gone: end the run as ``interrupted``/``released``.
+
+        ``released_by`` records who did: this process's user and host, ``user@host``.
+        """
         _require_name(reason, "reason")
         return self._end(
             run_id,
@@ -437,6 +444,7 @@ class Store:
             status=Status.INTERRUPTED,
             error_code="released",
             error_msg=f"released: {reason}",
+            released_by=f"{sharing.user_name()}@{socket.gethostname()}",
             ended_at=None,
         )
 
@@ -552,7 +560,9 @@ class Store:
         return self.state_dir / RUNS_DIR_NAME / run_id
 
     def make_run_dir(self, run_id: str) -> Path:
-        """Create (0700, whatever the umask) the run folder and its ``artifacts`` folder; return the run folder.
+        """Create (0700, 2770 in a shared store, whatever the umask) the run folder and its ``artifacts`` folder.
+
+        Returns the run folder.
 
         Never follows a symlink: a ``runs`` folder, run folder or ``artifacts`` folder that
         is a symbolic link (or not a folder) is refused with :class:`StateError`.
@@ -564,7 +574,7 @@ class Store:
         return folder
 
     def open_log(self, run_id: str) -> IO[str]:
-        """The run's ``log.jsonl``, opened to append (0600, never through a symlink), UTF-8."""
+        """The run's ``log.jsonl``, opened to append (0600, 0660 in a shared store, never through a symlink), UTF-8."""
         path = self.make_run_dir(run_id) / "log.jsonl"
         fd = open_regular_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "run log")
         return open(fd, "a", encoding="utf-8", errors="backslashreplace")
