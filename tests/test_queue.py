@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -346,3 +349,76 @@ def test_waiters_for_the_same_tests_keep_their_places(store: Store, locks: list[
     for later in reversed(line[1:]):
         assert look(store, later)[0] is PrepareOutcome.BUSY, "the machine went to the first in line"
     assert [serve(store, who).owner_host for who in line] == ["w1", "w2", "w3"]
+
+
+# -- a wait behind a frozen holder of the store's lock ----------------------------------
+
+FREEZE = """
+import sys, time
+from pytest_runs.store import open_store
+
+store = open_store(sys.argv[1], sys.argv[2] or None)
+with store.backend.transaction(write=True):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def frozen_store_lock(tmp_path: Path, url: str | None) -> Iterator[None]:
+    """A process that holds the store's lock (inside a write transaction) and never lets go, on either backend."""
+    holder = subprocess.Popen([sys.executable, "-c", FREEZE, str(tmp_path / "state"), url or ""],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def late_session(tmp_path: Path, url: str | None, spans: Path, wait: int) -> Session:
+    project = make_project(tmp_path / "late", RECORD)
+    store_args = [f"--runs-store={url}"] if url else []
+    return start("late", project, tmp_path / "state", *store_args, "--runs-on-busy=wait", f"--runs-wait-timeout={wait}",
+                 env={"SPANS": str(spans), "NAME": "late"}, released=True)  # fmt: skip
+
+
+def test_a_wait_behind_a_frozen_store_lock_ends_within_its_timeout(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
+) -> None:
+    occupy(store)
+    spans = tmp_path / "spans.jsonl"
+    with frozen_store_lock(tmp_path, url):
+        begun = time.monotonic()
+        sessions.append(late := late_session(tmp_path, url, spans, wait=4))
+        code, output = late.finish(timeout=60)
+        took = time.monotonic() - begun
+    assert code == 75, output
+    assert "Traceback" not in output, output
+    assert "pytest-runs: store" in output and "has been" in output, "says that the store is locked"
+    # The wait's own bound (4 s) plus a few seconds for pytest's start and end on a busy machine;
+    # leaving a line it never stood in used to wait a whole lock timeout (10 s) more.
+    assert took < 9, f"a 4 s wait took {took:.1f}s:\n{output}"
+    assert not spans.exists(), "no test ran"
+    assert store.queue() == []
+
+
+def test_a_waiter_in_line_when_the_store_lock_freezes_ends_within_its_timeout(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
+) -> None:
+    occupy(store)
+    spans = tmp_path / "spans.jsonl"
+    begun = time.monotonic()
+    sessions.append(late := late_session(tmp_path, url, spans, wait=8))
+    in_line(store, 1, late)
+    with frozen_store_lock(tmp_path, url):
+        code, output = late.finish(timeout=60)
+        took = time.monotonic() - begun
+    assert code == 75, output
+    assert "Traceback" not in output
+    # Its own bound (8 s) plus a few seconds; it could not leave the line (the store is locked),
+    # so leaving is cut short and its liveness lock tells everyone it is gone.
+    assert took < 13, f"an 8 s wait took {took:.1f}s:\n{output}"
+    assert not spans.exists(), "no test ran"
+    assert store.queue() == [], "found gone at once, though it could not take itself out of the line"
