@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 
 from .model import Run, format_timestamp, run_created_at
 
-__all__ = ["describe_holder", "format_ago", "format_duration", "held_for", "held_since", "owner_of"]
+__all__ = [
+    "describe_holder",
+    "describe_unclaimed",
+    "format_ago",
+    "format_duration",
+    "held_for",
+    "held_since",
+    "owner_of",
+]
 
 
 def format_duration(seconds: float) -> str:
@@ -74,3 +82,11 @@ def owner_of(run: Run) -> str:
     host = f"host {run.owner_host}" if run.owner_host else ""
     pid = f"PID {run.owner_pid}" if run.owner_pid is not None else ""
     return " ".join(part for part in (host, pid) if part)
+
+
+def describe_unclaimed(seconds: float, deadline: float) -> str:
+    """``handed to a waiter that has not claimed it for 12s (it goes to the next waiter after 15s)``."""
+    text = f"handed to a waiter that has not claimed it for {format_duration(seconds)}"
+    if seconds < deadline:
+        return f"{text} (it goes to the next waiter after {format_duration(deadline)})"
+    return f"{text} (past the claim deadline of {format_duration(deadline)}: it goes to the next waiter that looks)"

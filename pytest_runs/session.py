@@ -32,7 +32,7 @@ import pytest
 from _pytest._io import TerminalWriter
 
 from .backend import OwnerLock
-from .display import describe_holder, format_duration, held_for
+from .display import describe_holder, describe_unclaimed, format_duration, held_for
 from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
@@ -234,6 +234,8 @@ class TrackedSession:
                         # In line only once the store says so (a look that met a locked store put nobody in line).
                         self._in_line = self._in_line or prepared.place is not None
                     look_by = time.monotonic() + _LOOK_AGAIN_SECONDS
+                    if prepared.look_again_in is not None:  # a machine handed to a stalled waiter passes on then
+                        look_by = min(look_by, time.monotonic() + prepared.look_again_in + 0.05)
                 run, outcome = prepared.run, prepared.outcome
             except StoreLocked as locked:
                 waited = time.monotonic() - waiting_since
@@ -274,6 +276,8 @@ class TrackedSession:
                 return
             busy_since = busy_since or datetime.now(UTC)
             holder = describe_holder(run)
+            if prepared.unclaimed_for is not None:
+                holder += f", {describe_unclaimed(prepared.unclaimed_for, store.claim_deadline)}"
             same = " (the same tests)" if outcome is PrepareOutcome.REUSE else ""
             if len(settings.machines) == 1:
                 message = f"pytest-runs: machine {settings.machine} is busy with {holder}{same}"
@@ -296,7 +300,12 @@ class TrackedSession:
                 line=f"{message}; {waiting}",
                 # On a terminal the changing part comes first, so that a narrow one cuts the rest.
                 in_place=f"pytest-runs: {waiting}: {run.machine} {run.status.value} for {held_for(run)}, "
-                f"run {run.id} (hash {run.short_hash})",
+                + (
+                    f"not claimed for {format_duration(prepared.unclaimed_for)}, "
+                    if prepared.unclaimed_for is not None
+                    else ""
+                )
+                + f"run {run.id} (hash {run.short_hash})",
             )
             # A store that wakes its waiters when it changes is looked at again at least once a
             # second, for the progress line; one that cannot, every half second.

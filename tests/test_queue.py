@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from _sessions import HOLD, Session, make_project, start, wait_for
+from _sessions import HOLD, Session, make_project, start, wait_for, wait_stopped
 
 from pytest_runs import PrepareOutcome, Run, Status, Store
 from pytest_runs.backend import OwnerLock
 from pytest_runs.owner import boot_id
 from pytest_runs.queue import Waiter
-from pytest_runs.store import open_store
+from pytest_runs.store import StoreLocked, open_store
 
 KINDS = ("files", "postgresql")
 
@@ -179,6 +179,83 @@ def test_a_pool_waiter_takes_whichever_frees_first(store: Store, locks: list[Own
     assert serve(store, single).machine == "rig-b"
 
 
+@pytest.fixture
+def impatient(tmp_path: Path, url: str | None, store: Store) -> Store:
+    """The same store, by rules that give a waiter half a second to claim a machine handed to it."""
+    return open_store(tmp_path / "state", url, claim_deadline=0.5)
+
+
+def passed_on(store: Store, who: Waiter, seconds: float = 0.7) -> tuple[PrepareOutcome, Run, int | None]:
+    """``who`` looks once the claim deadline of the machine handed to someone else has passed."""
+    time.sleep(seconds)
+    return look(store, who)
+
+
+def test_a_machine_its_waiter_does_not_claim_goes_to_the_next_and_the_stalled_one_keeps_its_place(
+    impatient: Store, locks: list[OwnerLock]
+) -> None:
+    store = impatient
+    holder = occupy(store)
+    stalled, second, third = (waiter(store, locks, name) for name in ("stalled", "second", "third"))
+    for who in (stalled, second, third):
+        look(store, who)
+    store.finish(holder.id, Status.COMPLETED)  # handed to stalled, which is alive but does not claim it
+    outcome, busy, place = look(store, second)
+    handed = store.active_by_machine("rig-1")
+    assert handed is not None and handed.owner_token == stalled.token
+    assert (outcome, busy.id, place) == (PrepareOutcome.BUSY, handed.id, 1)
+    assert look(store, second)[2] == 1, "the stalled one, handed a machine, is ahead of nobody"
+    (state,) = store.machines()
+    assert state.unclaimed_for is not None and state.waiting == 2
+    assert [(e.waiter.token, e.place, e.handed and e.handed.id) for e in store.line()] == [
+        (stalled.token, None, handed.id), (second.token, 1, None), (third.token, 2, None)]  # fmt: skip
+    # Past the deadline: the machine goes on to the next waiter, who claims it.
+    outcome, run, _ = passed_on(store, second)
+    assert (outcome, run.owner_token, run.status) == (PrepareOutcome.REUSE, second.token, Status.PENDING)
+    taken_back = store.get(handed.id)
+    assert (taken_back.status, taken_back.error_code) == (Status.INTERRUPTED, "unclaimed")
+    assert "did not claim it within 0.5s" in taken_back.error_msg
+    line = store.line()
+    assert [entry.waiter.token for entry in line] == [stalled.token, second.token, third.token]
+    assert line[0].place == 1 and line[0].waiter.passed_over is not None, "it keeps its place"
+    store.start(run.id)
+    assert [w.token for w in store.queue()] == [stalled.token, third.token], "a claim leaves the line"
+    assert look(store, third)[2] == 2, "behind the stalled one"
+    # It runs again and looks: first in line, as it was.
+    assert look(store, stalled)[::2] == (PrepareOutcome.BUSY, 1)
+    store.finish(run.id, Status.COMPLETED)
+    assert [serve(store, who).owner_host for who in (stalled, third)] == ["stalled", "third"]
+
+
+def test_a_waiter_passed_over_is_passed_by_until_it_looks_again(impatient: Store, locks: list[OwnerLock]) -> None:
+    store = impatient
+    holder = occupy(store)
+    stalled, second, third = (waiter(store, locks, name) for name in ("stalled", "second", "third"))
+    for who in (stalled, second, third):
+        look(store, who)
+    store.finish(holder.id, Status.COMPLETED)
+    assert passed_on(store, second)[0] is PrepareOutcome.REUSE
+    # Still stalled: when the machine frees again it goes to the third, not back to the stalled one.
+    assert serve(store, second).owner_host == "second"
+    assert serve(store, third).owner_host == "third"
+    assert [w.token for w in store.queue()] == [stalled.token]
+    assert store.active_by_machine("rig-1") is None, "nobody else waits: the machine stays free"
+    assert serve(store, stalled).owner_host == "stalled", "once it looks, the free machine is its own"
+    assert [r.error_code for r in store.list() if r.owner_host == "stalled"] == ["unclaimed", ""]
+
+
+def test_a_live_waiter_claims_its_machine_however_late_it_looks(impatient: Store, locks: list[OwnerLock]) -> None:
+    store = impatient
+    holder = occupy(store)
+    late, other = waiter(store, locks, "late"), waiter(store, locks, "other")
+    look(store, late)
+    look(store, other)
+    store.finish(holder.id, Status.COMPLETED)
+    time.sleep(0.7)  # past the deadline, but nobody else looked: the machine is still its own
+    assert serve(store, late).owner_host == "late"
+    assert serve(store, other).owner_host == "other"
+
+
 def test_a_reservation_on_any_pool_member_is_claimed_first(store: Store) -> None:
     store.prepare_atomic("rig-b", "h-mine", Run)  # reserved for these tests
     prepared = store.prepare(["rig-a", "rig-b"], "h-mine", Run)
@@ -299,6 +376,78 @@ def test_a_pool_of_three_rigs_serves_nine_sessions(
     assert {run.machine for run in store.list()} == {"rig-1", "rig-2", "rig-3"}
 
 
+def stop_outside_the_store_lock(session: Session, state_dir: Path, url: str | None) -> None:
+    """SIGSTOP the session's process group at a moment when it is outside the store's lock, on either backend."""
+    quick = open_store(state_dir, url, lock_timeout=0.2)
+    for _ in range(200):
+        session.signal_group(signal.SIGSTOP)
+        wait_stopped(session.pid)
+        try:
+            with quick.backend.transaction(write=True):
+                return  # an empty transaction: it takes the store's lock and writes nothing
+        except StoreLocked:
+            session.signal_group(signal.SIGCONT)
+            time.sleep(0.01)
+    raise AssertionError(f"session {session.name} never let go of the store's lock")
+
+
+def command(tmp_path: Path, url: str | None, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    from pytest_runs.cli import main
+
+    assert main(["--state-dir", str(tmp_path / "state"), *(["--store", url] if url else []), *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_stopped_waiter_handed_the_machine_is_passed_over_and_keeps_its_place(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session], capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder = holding_session(tmp_path, url, sessions)
+    spans = tmp_path / "spans.jsonl"
+    stalled = waiting_session("stalled", tmp_path, url, spans)
+    sessions.append(stalled)
+    in_line(store, 1, stalled)
+    # The next one holds the machine once it gets it, until the test lets it go.
+    store_args = [f"--runs-store={url}"] if url else []
+    second = start("second", make_project(tmp_path / "second", HOLD), tmp_path / "state", *store_args,
+                   "--runs-on-busy=wait", "--runs-wait-timeout=120")  # fmt: skip
+    sessions.append(second)
+    in_line(store, 2, second)
+    stop_outside_the_store_lock(stalled, tmp_path / "state", url)
+    holder.release.write_text("go")
+    assert holder.finish()[0] == 0
+    # Handed to the stopped waiter, which does not claim it: both views say so.
+    deadline = time.monotonic() + 30
+    while "handed to a waiter that has not claimed it for" not in (shown := command(tmp_path, url, capsys, "machines")):
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.1)
+    assert "busy (unclaimed)" in shown, shown
+    queue = command(tmp_path, url, capsys, "queue").splitlines()
+    assert "STATE" in queue[0] and "handed to a waiter that has not claimed it" in queue[1], queue
+    assert queue[1].split()[0] == "-" and "waiting" in queue[2] and queue[2].split()[0] == "1", queue
+    # After the claim deadline the machine passes to the second waiter, which runs on it.
+    wait_for(second.started, second, timeout=60)
+    assert not spans.exists(), "the stopped waiter ran nothing"
+    taken_back = [run for run in store.list() if run.test_dir == str(tmp_path / "stalled")]
+    assert [(run.status, run.error_code) for run in taken_back] == [(Status.INTERRUPTED, "unclaimed")]
+    queue = command(tmp_path, url, capsys, "queue").splitlines()
+    assert len(queue) == 2 and queue[1].split()[0] == "1" and "passed over" in queue[1], queue
+    # A third arrives behind it; the stopped one, continued, is served first.
+    third = waiting_session("third", tmp_path, url, spans)
+    sessions.append(third)
+    in_line(store, 2, third)
+    stalled.signal_group(signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while (line := store.line())[0].waiter.passed_over is not None:  # it looks again: waiting, first in line
+        assert time.monotonic() < deadline, line
+        time.sleep(0.05)
+    assert [entry.place for entry in line] == [1, 2]
+    second.release.write_text("go")
+    for session in (second, stalled, third):
+        code, output = session.finish()
+        assert code == 0, output
+    assert [span[0] for span in spans_of(spans)] == ["stalled", "third"]
+
+
 def test_the_command_shows_the_line(
     tmp_path: Path, url: str | None, store: Store, locks: list[OwnerLock], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -355,7 +504,7 @@ def test_waiters_for_the_same_tests_keep_their_places(store: Store, locks: list[
 
 FREEZE = """
 import sys, time
-from pytest_runs.store import open_store
+from pytest_runs.store import StoreLocked, open_store
 
 store = open_store(sys.argv[1], sys.argv[2] or None)
 with store.backend.transaction(write=True):
