@@ -244,6 +244,21 @@ def test_a_waiter_passed_over_is_passed_by_until_it_looks_again(impatient: Store
     assert [r.error_code for r in store.list() if r.owner_host == "stalled"] == ["unclaimed", ""]
 
 
+def test_a_waiter_stays_in_line_until_it_claims_the_machine_handed_to_it(store: Store, locks: list[OwnerLock]) -> None:
+    holder = occupy(store)
+    first, second = waiter(store, locks, "first"), waiter(store, locks, "second")
+    look(store, first)
+    look(store, second)
+    store.finish(holder.id, Status.COMPLETED)
+    # Handed the machine, and even after its look finds it: in line (so that a stall there passes it on).
+    assert [w.token for w in store.queue()] == [first.token, second.token]
+    outcome, handed, _ = look(store, first)
+    assert outcome is PrepareOutcome.REUSE and [w.token for w in store.queue()] == [first.token, second.token]
+    assert store.machines()[0].waiting == 1, "only the second still waits"
+    store.start(handed.id)
+    assert [w.token for w in store.queue()] == [second.token], "its claim takes it out of the line"
+
+
 def test_a_live_waiter_claims_its_machine_however_late_it_looks(impatient: Store, locks: list[OwnerLock]) -> None:
     store = impatient
     holder = occupy(store)
