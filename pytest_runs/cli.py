@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .display import describe_holder, format_ago, format_duration, held_for, owner_of
+from .display import describe_holder, describe_unclaimed, format_ago, format_duration, held_for, owner_of
 from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .identity import read_hash_ignore
@@ -29,6 +29,7 @@ from .liveness import DEFAULT_LEASE, lock_path
 from .model import PrepareOutcome, Run, Status, run_created_at
 from .options import EXIT_BUSY, EXIT_STORE_UNREACHABLE
 from .owner import Owner
+from .queue import InLine
 from .settings import (
     DEFAULT_LOCK_TIMEOUT,
     KEEP_ENV,
@@ -408,8 +409,11 @@ def _machines(store: Store, args: argparse.Namespace) -> int:
         if state.active is not None:
             held = held_for(state.active, now)
             stale = store.stale_reason(state.active)
-            machine_state = "busy (stale)" if stale else "busy"
+            unclaimed = state.unclaimed_for is not None and not stale
+            machine_state = "busy (stale)" if stale else "busy (unclaimed)" if unclaimed else "busy"
             details = [state.active.status.value, held, owner_of(state.active), state.active.owner_ci_url]
+            if unclaimed and state.unclaimed_for is not None:
+                details.append(describe_unclaimed(state.unclaimed_for, store.claim_deadline))
             holder = f"{state.active.id} ({', '.join(d for d in details if d)}" + (
                 f"; stale: {stale})" if stale else ")"
             )
@@ -453,28 +457,50 @@ def _report(store: Store, args: argparse.Namespace) -> int:
 
 
 def _queue(store: Store, args: argparse.Namespace) -> int:
-    waiters = store.queue(args.machine)
+    line = store.line(args.machine)
     if args.json:
-        _print_json([{"place": place, **waiter.to_dict()} for place, waiter in enumerate(waiters, 1)])
+        _print_json([_in_line_json(entry) for entry in line])
         return EXIT_OK
-    if not waiters:
+    if not line:
         print("nobody waits" + (f" for {args.machine}" if args.machine else ""))
         return EXIT_OK
     now = datetime.now(UTC)
     rows = [
         [
-            str(place),
-            ",".join(waiter.machines),
-            str(waiter.priority),
-            format_ago(waiter.since, now),
-            owner_of(waiter.run),
-            waiter.run.short_hash,
-            waiter.run.owner_ci_url or "-",
+            "-" if entry.place is None else str(entry.place),
+            ",".join(entry.waiter.machines),
+            str(entry.waiter.priority),
+            format_ago(entry.waiter.since, now),
+            owner_of(entry.waiter.run),
+            entry.waiter.run.short_hash,
+            entry.waiter.run.owner_ci_url or "-",
+            _in_line_state(entry, store.claim_deadline, now),
         ]
-        for place, waiter in enumerate(waiters, 1)
+        for entry in line
     ]
-    _print_table(["#", "MACHINES", "PRIORITY", "SINCE", "WHO", "HASH", "CI JOB"], rows, shrinkable={1, 4, 6})
+    _print_table(
+        ["#", "MACHINES", "PRIORITY", "SINCE", "WHO", "HASH", "CI JOB", "STATE"], rows, shrinkable={1, 4, 6, 7}
+    )
     return EXIT_OK
+
+
+def _in_line_state(entry: InLine, deadline: float, now: datetime) -> str:
+    """``waiting``; ``rig-1 handed to it, ...``; or ``passed over 20 s ago ...``."""
+    if entry.handed is not None and entry.unclaimed_for is not None:
+        return f"{entry.handed.machine} (run {entry.handed.id}) {describe_unclaimed(entry.unclaimed_for, deadline)}"
+    if entry.waiter.passed_over is not None:
+        return (
+            f"passed over {format_ago(entry.waiter.passed_over, now)}: did not claim a machine handed to it "
+            f"within {format_duration(deadline)}; keeps its place, served again once it looks"
+        )
+    return "waiting"
+
+
+def _in_line_json(entry: InLine) -> dict[str, Any]:
+    data: dict[str, Any] = {"place": entry.place, **entry.waiter.to_dict()}
+    if entry.handed is not None:  # a machine handed to it, not claimed yet (then place is null)
+        data.update(handed=entry.handed.to_dict(), unclaimed_for=round(entry.unclaimed_for or 0.0, 3))
+    return data
 
 
 def _machine_json(state: MachineState) -> dict[str, Any]:
@@ -484,6 +510,8 @@ def _machine_json(state: MachineState) -> dict[str, Any]:
         "active": state.active.to_dict() if state.active is not None else None,
         "last": state.last.to_dict() if state.last is not None else None,
         "waiting": state.waiting,
+        # Only for a machine handed to a waiter that has not claimed it yet: for how many seconds.
+        **({} if state.unclaimed_for is None else {"unclaimed_for": round(state.unclaimed_for, 3)}),
     }
 
 

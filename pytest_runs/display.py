@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 from .liveness import unprobed
 from .model import Run, format_timestamp, run_created_at
 
-__all__ = ["describe_holder", "format_ago", "format_duration", "held_for", "held_since", "owner_of"]
+__all__ = [
+    "describe_holder",
+    "describe_unclaimed",
+    "format_ago",
+    "format_duration",
+    "held_for",
+    "held_since",
+    "owner_of",
+]
 
 
 def format_duration(seconds: float) -> str:
@@ -81,3 +89,11 @@ def owner_of(run: Run) -> str:
     if run.owner_token and (why := unprobed(run.owner_token)):
         who = f"{who or 'its owner'} ({why})"  # judged by its lease, not its lock: say so
     return who
+
+
+def describe_unclaimed(seconds: float, deadline: float) -> str:
+    """``handed to a waiter that has not claimed it for 12s (it goes to the next waiter after 15s)``."""
+    text = f"handed to a waiter that has not claimed it for {format_duration(seconds)}"
+    if seconds < deadline:
+        return f"{text} (it goes to the next waiter after {format_duration(deadline)})"
+    return f"{text} (past the claim deadline of {format_duration(deadline)}: it goes to the next waiter that looks)"

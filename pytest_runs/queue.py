@@ -5,6 +5,12 @@ first by priority (higher first), then by arrival (the store's clock), then by t
 waiter is judged alive by the same rule as a run's owner (its liveness lock, else its own
 lease against its heartbeat), so a dead waiter leaves the line without anyone waiting
 behind it.
+
+A machine handed to a waiter is a pending run in its name; the waiter stays in line until it
+claims that run (:meth:`~pytest_runs.store.Store.start`). A waiter that is alive but does not
+claim it within :data:`CLAIM_DEADLINE` seconds (stopped, frozen, swapped out) has the machine
+taken back and handed to the next waiter; it keeps its place, and is passed over by hand-overs
+until it looks at the store again, when it waits first in line as before.
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ from typing import Any
 
 from .model import Run, Status, format_timestamp, parse_timestamp
 
-__all__ = ["Waiter", "place_in_line", "serve_order"]
+__all__ = ["CLAIM_DEADLINE", "InLine", "Waiter", "place_in_line", "serve_order"]
+
+#: Seconds a waiter has to claim a machine handed to it. A live waiter looks within about a
+#: second of the hand-over (it is woken by the change) and claims at once; one that has not
+#: claimed it this long after is stopped or frozen, and the machine goes on to the next.
+CLAIM_DEADLINE = 15.0
 
 
 @dataclasses.dataclass
@@ -30,6 +41,12 @@ class Waiter:
     #: Its tests (``test_dir``, ``test_dir_hash``) and its owner fields, with ``heartbeat_at``
     #: refreshed each time it looks; ``machine`` is empty until one is handed to it.
     run: Run
+    #: When a machine was handed to it (a pending run in its name), on the store's clock, while
+    #: it has not claimed it.
+    handed_at: datetime | None = None
+    #: When a machine handed to it went on to the next waiter because it did not claim it in
+    #: time; until it looks again, hand-overs pass it by (it keeps its place all the same).
+    passed_over: datetime | None = None
 
     @property
     def token(self) -> str:
@@ -43,12 +60,16 @@ class Waiter:
         return dataclasses.replace(self.run, status=Status.PENDING)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "machines": list(self.machines),
             "priority": self.priority,
             "since": format_timestamp(self.since),
             "run": self.run.to_dict(),
         }
+        for key in ("handed_at", "passed_over"):
+            if (moment := getattr(self, key)) is not None:
+                data[key] = format_timestamp(moment)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Waiter:
@@ -65,7 +86,13 @@ class Waiter:
         run = Run.from_dict(data.get("run") or {})
         if not run.owner_token:
             raise ValueError("a waiter must name its liveness token")
-        return cls(machines=machines, priority=priority, since=parse_timestamp(since), run=run)
+        moments: dict[str, datetime | None] = {}
+        for key in ("handed_at", "passed_over"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"a waiter's {key} must be a timestamp, not {value!r}")
+            moments[key] = parse_timestamp(value) if value is not None else None
+        return cls(machines=machines, priority=priority, since=parse_timestamp(since), run=run, **moments)
 
 
 def serve_order(waiters: Iterable[Waiter]) -> list[Waiter]:
@@ -81,3 +108,16 @@ def place_in_line(waiters: Iterable[Waiter], token: str) -> int | None:
             mine = set(waiter.machines)
             return 1 + sum(1 for ahead in ordered[:index] if mine & set(ahead.machines))
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class InLine:
+    """One waiter as the ``queue`` command shows it."""
+
+    waiter: Waiter
+    #: Its place among those still waiting, in serve order; ``None`` while a machine is handed to it.
+    place: int | None
+    #: The machine handed to it and not claimed yet (a pending run in its name), or ``None``.
+    handed: Run | None = None
+    #: For how many seconds it has not claimed ``handed``.
+    unclaimed_for: float | None = None

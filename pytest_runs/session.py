@@ -32,7 +32,7 @@ import pytest
 from _pytest._io import TerminalWriter
 
 from .backend import OwnerLock
-from .display import describe_holder, format_duration, held_for
+from .display import describe_holder, describe_unclaimed, format_duration, held_for
 from .errors import StoreUnreachable
 from .hashing import HashError, hash_test_dir
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
@@ -61,6 +61,9 @@ _WAKEUP_WAIT_SECONDS = 1.0
 # place in line fresh); in between only its progress line moves.
 _LOOK_AGAIN_SECONDS = 10.0
 _WAIT_REPORT_EVERY = 30.0
+# Leaving the line on the way out waits at most this long for the store's lock (best-effort:
+# a waiter that could not leave is found gone by its liveness lock).
+_LEAVE_LINE_SECONDS = 1.0
 
 
 class TrackedSession:
@@ -76,7 +79,8 @@ class TrackedSession:
         self.session: pytest.Session | None = None
         self.final: Run | None = None
         self.ended_elsewhere: Run | None = None
-        #: Whether this session has stood in the line of waiters (so leaves it when it gives up).
+        #: Whether the store may hold this session's place in line, or a machine handed to it and not yet
+        #: claimed (so it leaves the line when it gives up); only once a look says so.
         self._in_line = False
         #: The end could not be recorded and the liveness lock was gone: the machine was maybe not ours.
         self.unproven = False
@@ -174,20 +178,37 @@ class TrackedSession:
         try:
             self._prepare_or_wait(store, test_dir_hash)
         finally:
-            # Waiting shortens the store's lock timeout to the wait left; the session's own
-            # heartbeats and its end get the full timeout again.
-            store.lock_timeout = self.settings.lock_timeout
             store.stop_waiting()
             if self._in_line and self.run is None:
                 # Gave up (timeout, Ctrl-C, an error): out of the line at once.
-                with contextlib.suppress(StateError):
-                    store.leave_queue(self.owner.token)
+                self._leave_line(store)
+            # Waiting shortens the store's lock timeout to the wait left; the session's own
+            # heartbeats and its end get the full timeout again.
+            store.lock_timeout = self.settings.lock_timeout
+
+    def _leave_line(self, store: Store) -> None:
+        """Out of the line on the way out, best-effort: at most :data:`_LEAVE_LINE_SECONDS` for the store's lock.
+
+        A wait ends within its own bound: leaving never waits a whole lock timeout again. If the
+        store cannot be changed now, the liveness lock is let go with its file left in place, so
+        that whoever looks next finds this waiter gone at once (and passes on a machine handed
+        to it); a removed file would leave that to its lease.
+        """
+        store.lock_timeout = min(self.settings.lock_timeout, _LEAVE_LINE_SECONDS)
+        try:
+            store.leave_queue(self.owner.token)
+        except StateError:
+            if self.liveness is not None:
+                self.liveness.drop()
+            return
+        self._in_line = False
+        if self._refused and self.liveness is not None:
+            self.liveness.release()  # out of the line, nothing of ours left on record: as _refuse would
 
     def _waiter(self, test_dir_hash: str) -> Waiter | None:
         """This session as it waits in line (with ``wait``), or ``None``."""
         if self.settings.on_busy != "wait" or not self.owner.token:
             return None
-        self._in_line = True
         template = self._mk(test_dir_hash)()
         return Waiter(list(self.settings.machines), self.settings.priority, datetime.now(UTC), template)
 
@@ -201,13 +222,11 @@ class TrackedSession:
         look_by = 0.0  # when to look at the store again even if nothing seemed to change
         changed = True
         while True:
-            waited = time.monotonic() - waiting_since
             if settings.on_busy == "wait":
-                # Never wait for the store's lock past the wait timeout.
-                store.lock_timeout = max(0.1, min(settings.lock_timeout, settings.wait_timeout - waited))
+                store.lock_timeout = self._lock_wait_left(waiting_since)
             try:
                 if changed or prepared is None or time.monotonic() >= look_by:
-                    if not self._still_alive(progress, waited):
+                    if not self._still_alive(progress, time.monotonic() - waiting_since):
                         raise StoreUnreachable(
                             "this session cannot take its liveness lock back: the store is unreachable"
                         )
@@ -215,7 +234,11 @@ class TrackedSession:
                         prepared = store.prepare(
                             settings.machines, test_dir_hash, self._mk(test_dir_hash), wait_as=wait_as
                         )
+                        # In line only once the store says so (a look that met a locked store put nobody in line).
+                        self._in_line = self._in_line or prepared.place is not None
                     look_by = time.monotonic() + _LOOK_AGAIN_SECONDS
+                    if prepared.look_again_in is not None:  # a machine handed to a stalled waiter passes on then
+                        look_by = min(look_by, time.monotonic() + prepared.look_again_in + 0.05)
                 run, outcome = prepared.run, prepared.outcome
             except StoreLocked as locked:
                 waited = time.monotonic() - waiting_since
@@ -241,12 +264,26 @@ class TrackedSession:
                 if not self._still_alive(progress, time.monotonic() - waiting_since):
                     changed = True
                     continue  # never claimed without the lock: look again once it is back
+                if settings.on_busy == "wait":
+                    store.lock_timeout = self._lock_wait_left(waiting_since)
                 try:
                     with self.stopper.deferred():
                         self.run = self._claim(store, run, busy_since)
                 except (InvalidTransition, RunEnded):
                     changed = True
                     continue  # another session claimed that reservation first: look again
+                except StoreLocked as locked:
+                    if settings.on_busy != "wait":
+                        self._give_up(store, run, locked)
+                        raise
+                    # The run stays pending in this session's name: the next look finds it again,
+                    # and giving up (leaving the line) ends it.
+                    self._in_line = True
+                    if time.monotonic() - waiting_since >= settings.wait_timeout:
+                        progress.done()
+                        self._refuse(f"pytest-runs: {locked}")
+                    changed = True
+                    continue
                 except StateError as error:
                     self._give_up(store, run, error)
                     raise
@@ -254,6 +291,8 @@ class TrackedSession:
                 return
             busy_since = busy_since or datetime.now(UTC)
             holder = describe_holder(run)
+            if prepared.unclaimed_for is not None:
+                holder += f", {describe_unclaimed(prepared.unclaimed_for, store.claim_deadline)}"
             same = " (the same tests)" if outcome is PrepareOutcome.REUSE else ""
             if len(settings.machines) == 1:
                 message = f"pytest-runs: machine {settings.machine} is busy with {holder}{same}"
@@ -276,7 +315,12 @@ class TrackedSession:
                 line=f"{message}; {waiting}",
                 # On a terminal the changing part comes first, so that a narrow one cuts the rest.
                 in_place=f"pytest-runs: {waiting}: {run.machine} {run.status.value} for {held_for(run)}, "
-                f"run {run.id} (hash {run.short_hash})",
+                + (
+                    f"not claimed for {format_duration(prepared.unclaimed_for)}, "
+                    if prepared.unclaimed_for is not None
+                    else ""
+                )
+                + f"run {run.id} (hash {run.short_hash})",
             )
             # A store that wakes its waiters when it changes is looked at again at least once a
             # second, for the progress line; one that cannot, every half second.
@@ -287,6 +331,11 @@ class TrackedSession:
             except StateError:
                 time.sleep(pause)
                 changed = True
+
+    def _lock_wait_left(self, waiting_since: float) -> float:
+        """How long the next store call may wait for the store's lock: never past the wait timeout."""
+        left = self.settings.wait_timeout - (time.monotonic() - waiting_since)
+        return max(0.1, min(self.settings.lock_timeout, left))
 
     def _still_alive(self, progress: _WaitProgress, waited: float) -> bool:
         """Before each look and each claim: hold the liveness lock, taking it back if it was lost.
@@ -309,8 +358,9 @@ class TrackedSession:
     def _refuse(self, message: str, status: int = EXIT_BUSY) -> NoReturn:
         """No test runs: exit with ``status`` (:data:`EXIT_BUSY`), saying why once."""
         self._refused = True
-        if self.liveness is not None:
+        if self.liveness is not None and not self._in_line:
             self.liveness.release()  # busy or locked out: no run was created in our name
+        # (In line, it leaves the line first: see _leave_line.)
         pytest.exit(message, returncode=status)
 
     def _give_up(self, store: Store, run: Run, error: StateError) -> None:

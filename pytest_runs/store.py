@@ -47,7 +47,7 @@ from .hashing import HashCache
 from .liveness import DEFAULT_LEASE
 from .model import PrepareOutcome, Run, Status, in_run_order, run_created_at
 from .owner import Owner, describe_owner
-from .queue import Waiter, place_in_line, serve_order
+from .queue import CLAIM_DEADLINE, InLine, Waiter, place_in_line, serve_order
 from .settings import DEFAULT_LOCK_TIMEOUT
 
 # An alias, because inside Store the name ``list`` is the method.
@@ -84,6 +84,8 @@ class MachineState:
     last: Run | None
     #: How many live sessions wait in line for it (alone or as one of a pool).
     waiting: int = 0
+    #: ``active`` is a machine handed to a waiter that has not claimed it for this many seconds.
+    unclaimed_for: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,11 @@ class Prepared:
     run: Run
     #: With ``wait_as``, while busy: 1 + the waiters served first that want one of its machines.
     place: int | None = None
+    #: ``BUSY``: ``run`` was handed to a waiter that has not claimed it for this many seconds.
+    unclaimed_for: float | None = None
+    #: While busy: in this many seconds a machine asked for passes on from a waiter that has not
+    #: claimed it (look again then, even if nothing else changed).
+    look_again_in: float | None = None
 
 
 def _utcnow() -> datetime:
@@ -116,6 +123,7 @@ def open_store(
     *,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     keep: int | None = None,
+    claim_deadline: float = CLAIM_DEADLINE,
 ) -> Store:
     """A :class:`Store` on the JSON files in ``state_dir``, or on the database ``store_url`` names.
 
@@ -126,7 +134,7 @@ def open_store(
         from .pgbackend import PgBackend
 
         backend = PgBackend(store_url, lock_timeout=lock_timeout)
-    return Store(state_dir, lock_timeout=lock_timeout, keep=keep, backend=backend)
+    return Store(state_dir, lock_timeout=lock_timeout, keep=keep, backend=backend, claim_deadline=claim_deadline)
 
 
 class Store:
@@ -143,6 +151,7 @@ class Store:
 
     ``keep`` (retention): when a run ends, only the ``keep`` newest ended runs of its
     machine are kept; older ones, and their run folders, are deleted. ``None`` keeps all.
+    ``claim_deadline``: see :mod:`pytest_runs.queue`.
     """
 
     def __init__(
@@ -152,12 +161,18 @@ class Store:
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         keep: int | None = None,
         backend: Backend | None = None,
+        claim_deadline: float = CLAIM_DEADLINE,
     ) -> None:
         if not 0 < lock_timeout < 1e9:
             raise ValueError(f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
             raise ValueError(f"keep must be a whole number >= 0 or None, not {keep!r}")
+        if not 0 < claim_deadline < 1e9:
+            raise ValueError(f"claim_deadline must be a positive number of seconds, not {claim_deadline!r}")
         self.keep = keep
+        #: Seconds a waiter has to claim a machine handed to it before it goes to the next waiter
+        #: (:data:`~pytest_runs.queue.CLAIM_DEADLINE`; every ``Store`` on one store should agree).
+        self.claim_deadline = claim_deadline
         self.state_dir = Path(state_dir).absolute()
         self._files = FileBackend(self.state_dir, lock_timeout=lock_timeout)
         self.backend: Backend = backend if backend is not None else self._files
@@ -300,7 +315,13 @@ class Store:
         machine handed to this waiter); else the first free machine gets a new run from
         ``mk()``, with ``CREATED``; else ``BUSY``, with the run on the first machine. With
         ``wait_as``, a caller that is not served is put in line (or keeps its place, its
-        heartbeat refreshed), and learns its place.
+        heartbeat refreshed), and learns its place; it stays in line until it claims its run
+        (:meth:`start`).
+
+        A machine handed to another waiter that has not claimed it within ``claim_deadline``
+        seconds is taken back (that run ends ``interrupted``/``unclaimed``) and handed to the
+        next waiter; the one passed over keeps its place, and hand-overs pass it by until it
+        looks again (this call, with its ``wait_as``).
         """
         names = list(dict.fromkeys(machines))
         if not names:
@@ -310,15 +331,19 @@ class Store:
         _require_name(test_dir_hash, "test dir hash")
         with self._transaction() as tx:
             now = tx.now()
+            token = wait_as.token if wait_as is not None else None
+            if token:
+                self._looked(tx, token)
             for name in names:
                 self._reclaim_stale(tx, name)
+                self._pass_on_unclaimed(tx, name, now, spare=token)
             busy = {run.machine for run in tx.active()}
             for name in names:
                 if name not in busy:
                     self._hand_over(tx, name)
             line = self._live_waiters(tx)
-            active = {run.machine: run for run in tx.active() if run.machine in names}
-            token = wait_as.token if wait_as is not None else None
+            everywhere = tx.active()
+            active = {run.machine: run for run in everywhere if run.machine in names}
             same_tests: Run | None = None
             for name in names:
                 run = active.get(name)
@@ -329,23 +354,28 @@ class Store:
                 if run.status is Status.PENDING and run.owner_token not in ("", token):
                     continue
                 if run.status is Status.PENDING or wait_as is None:
-                    if token:
-                        tx.remove_waiter(token)
+                    # A waiter keeps its place until it claims the run (start), so that a machine
+                    # handed to it passes on if it stops before claiming it.
                     return Prepared(PrepareOutcome.REUSE, run)
                 same_tests = same_tests or run  # running: a waiter keeps (or takes) its place in line
+            holding = _holding(everywhere)
             order = serve_order(line)
             mine = next((index for index, waiter in enumerate(order) if waiter.token == token), None)
             for name in names:
                 if name not in active and same_tests is None:  # free, and no live waiter wants it
                     run = _made(mk, name, test_dir_hash)
                     self._add(tx, run, tx.latest_id())
-                    if token:
-                        tx.remove_waiter(token)
+                    if mine is not None:  # in line until it claims it, as if handed to it
+                        tx.put_waiter(dataclasses.replace(order[mine], handed_at=now))
                     return Prepared(PrepareOutcome.CREATED, dataclasses.replace(run))
             holder = same_tests or active[names[0]]
             outcome = PrepareOutcome.REUSE if same_tests is not None else PrepareOutcome.BUSY
+            handovers = self._handovers(line, everywhere, now)
+            unclaimed = handovers[holder.owner_token][1] if holder.owner_token in handovers else None
+            passes_on = [self.claim_deadline - held for run, held in handovers.values() if run.machine in names]
+            look_again = max(0.0, min(passes_on)) if passes_on else None
             if wait_as is None:
-                return Prepared(outcome, holder)
+                return Prepared(outcome, holder, unclaimed_for=unclaimed, look_again_in=look_again)
             known = order[mine] if mine is not None else None
             entry = known
             if known is None or known.machines != names or known.priority != wait_as.priority or _beat_due(known, now):
@@ -355,8 +385,10 @@ class Store:
                 entry = Waiter(names, wait_as.priority, since, dataclasses.replace(wait_as.run, heartbeat_at=now))
                 tx.put_waiter(entry)
             assert entry is not None
-            others = [waiter for waiter in line if waiter.token != token]
-            return Prepared(outcome, holder, place_in_line([*others, entry], entry.token))
+            # Those handed a machine wait no more: they count for nobody's place.
+            others = [waiter for waiter in line if waiter.token != token and waiter.token not in holding]
+            place = place_in_line([*others, entry], entry.token)
+            return Prepared(outcome, holder, place, unclaimed_for=unclaimed, look_again_in=look_again)
 
     def leave_queue(self, token: str) -> None:
         """A waiter gives up: out of the line at once, and a machine just handed to it goes to the next."""
@@ -370,10 +402,29 @@ class Store:
                     self._ended(tx, run.machine)
 
     def queue(self, machine: str | None = None) -> builtins.list[Waiter]:
-        """The live waiters (for ``machine``, or all), in the order they will be served."""
+        """The live waiters (for ``machine``, or all), in the order they will be served.
+
+        A waiter stays in line until it claims the machine handed to it: see :meth:`line`.
+        """
+        return [entry.waiter for entry in self.line(machine)]
+
+    def line(self, machine: str | None = None) -> builtins.list[InLine]:
+        """:meth:`queue` with each waiter's place, and the machine handed to it that it has not claimed."""
         with self._transaction(write=False) as tx:
             line = [waiter for waiter in tx.waiters() if tx.stale_reason(waiter.as_owner()) is None]
-        return [waiter for waiter in serve_order(line) if machine is None or waiter.wants(machine)]
+            handovers = self._handovers(line, tx.active(), tx.now())
+        entries = []
+        place = 0
+        for waiter in serve_order(line):
+            if machine is not None and not waiter.wants(machine):
+                continue
+            if waiter.token in handovers:
+                run, unclaimed = handovers[waiter.token]
+                entries.append(InLine(waiter, None, run, unclaimed))
+            else:
+                place += 1
+                entries.append(InLine(waiter, place))
+        return entries
 
     # -- lifecycle rules shared by the plugin and the command line --------------------
 
@@ -398,7 +449,13 @@ class Store:
             changes.setdefault("started_at", now)
             _apply(run, status=Status.RUNNING, **changes)
 
-        return self._modify(run_id, claim)
+        with self._transaction() as tx:
+            run = _found(tx.get(run_id), run_id)
+            claim(run, tx.now())
+            tx.replace(run)
+            if run.owner_token:
+                self._claimed(tx, run)
+            return run
 
     def finish(
         self,
@@ -495,13 +552,17 @@ class Store:
         with self._transaction(write=False) as tx:
             active = tx.active()
             line = [waiter for waiter in tx.waiters() if tx.stale_reason(waiter.as_owner()) is None]
+            handovers = self._handovers(line, active, tx.now())
+            unclaimed = {run.machine: seconds for run, seconds in handovers.values()}
+            waiting = [waiter for waiter in line if waiter.token not in handovers]
             names = sorted(set(tx.machines()).union(*(waiter.machines for waiter in line)))
             return [
                 MachineState(
                     machine=name,
                     active=_active(active, name),
                     last=tx.last_ended(name),
-                    waiting=sum(1 for waiter in line if waiter.wants(name)),
+                    waiting=sum(1 for waiter in waiting if waiter.wants(name)),
+                    unclaimed_for=unclaimed.get(name),
                 )
                 for name in names
             ]
@@ -651,15 +712,66 @@ class Store:
         self._hand_over(tx, machine)
 
     def _hand_over(self, tx: Transaction, machine: str) -> None:
-        """If ``machine`` is free and a live waiter wants it, start a pending run in the first one's name."""
-        if any(run.machine == machine for run in tx.active()):
+        """If ``machine`` is free and a live waiter wants it, start a pending run in the first one's name.
+
+        Passed by: waiters already handed a machine, and those passed over (until they look again).
+        The waiter stays in line, noted as handed the machine, until it claims it.
+        """
+        active = tx.active()
+        if any(run.machine == machine for run in active):
             return
+        holding = _holding(active)
         for waiter in serve_order(self._live_waiters(tx)):
-            if waiter.wants(machine):
+            if waiter.wants(machine) and waiter.token not in holding and waiter.passed_over is None:
                 run = dataclasses.replace(waiter.run, machine=machine, status=Status.PENDING)
                 self._add(tx, run, tx.latest_id())
-                tx.remove_waiter(waiter.token)
+                tx.put_waiter(dataclasses.replace(waiter, handed_at=tx.now()))
                 return
+
+    def _handovers(self, line: Iterable[Waiter], active: Iterable[Run], now: datetime) -> dict[str, tuple[Run, float]]:
+        """The machines handed to waiters in ``line`` and not claimed yet: token -> (pending run, seconds since)."""
+        in_line = {waiter.token: waiter for waiter in line}
+        handed = {}
+        for run in active:
+            if run.status is Status.PENDING and (waiter := in_line.get(run.owner_token)) is not None:
+                since = waiter.handed_at or run_created_at(run.id) or now
+                handed[waiter.token] = (run, max(0.0, (now - since).total_seconds()))
+        return handed
+
+    def _pass_on_unclaimed(self, tx: Transaction, machine: str, now: datetime, spare: str | None) -> None:
+        """Take ``machine`` back from a live waiter that has not claimed it in time, and hand it to the next.
+
+        The waiter ``spare`` (the caller, looking now: it claims next) is never passed over.
+        """
+        waiters = tx.waiters()
+        for token, (run, unclaimed) in self._handovers(waiters, tx.active(), now).items():
+            if run.machine != machine or token == spare or unclaimed < self.claim_deadline:
+                continue
+            waiter = next(waiter for waiter in waiters if waiter.token == token)
+            why = (
+                f"handed to a waiter that did not claim it within {self.claim_deadline:g}s (stopped or frozen?); "
+                "the machine went to the next waiter, and the one passed over keeps its place in line"
+            )
+            _apply(run, status=Status.INTERRUPTED, error_code="unclaimed", ended_at=now, error_msg=why)
+            tx.replace(run)
+            tx.put_waiter(dataclasses.replace(waiter, handed_at=None, passed_over=now))
+            self._ended(tx, machine)
+
+    def _looked(self, tx: Transaction, token: str) -> None:
+        """The waiter ``token`` looks at the store: it is running, so hand-overs no longer pass it by."""
+        for waiter in tx.waiters():
+            if waiter.token == token and waiter.passed_over is not None:
+                tx.put_waiter(dataclasses.replace(waiter, passed_over=None))
+
+    def _claimed(self, tx: Transaction, run: Run) -> None:
+        """``run`` was claimed: its session leaves the line, and gives up any other machine handed to it."""
+        tx.remove_waiter(run.owner_token)
+        for other in tx.active():
+            if other.id != run.id and other.owner_token == run.owner_token and other.status is Status.PENDING:
+                why = f"handed a machine, its waiter claimed run {run.id} on {run.machine} instead"
+                _apply(other, status=Status.INTERRUPTED, error_code="gave_up", ended_at=tx.now(), error_msg=why)
+                tx.replace(other)
+                self._ended(tx, other.machine)
 
     def _live_waiters(self, tx: Transaction) -> builtins.list[Waiter]:
         """The waiters whose session is alive; the others leave the line now."""
@@ -698,6 +810,9 @@ class Store:
             )
             tx.replace(run)
             tx.forget_owner(run)
+            # A waiter handed this machine stays in line until it claims it: gone by the same token.
+            if run.owner_token:
+                tx.remove_waiter(run.owner_token)
             self._ended(tx, machine)
 
     def _remove_orphaned_run_dirs(self, kept: set[str]) -> None:
@@ -736,6 +851,11 @@ class _Done(Exception):
 def _same_outcome(run: Run, outcome: dict[str, Any]) -> bool:
     """Whether the ended ``run`` ended with ``outcome`` (its end time aside)."""
     return all(getattr(run, name) == value for name, value in outcome.items() if name != "ended_at")
+
+
+def _holding(active: Iterable[Run]) -> set[str]:
+    """The owner tokens of active runs: sessions that hold a machine, or were handed one."""
+    return {run.owner_token for run in active if run.owner_token}
 
 
 def _beat_due(waiter: Waiter, now: datetime) -> bool:
