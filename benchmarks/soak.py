@@ -247,7 +247,8 @@ def make_plans(count: int, seed: int, *, database: bool, namespaces: bool) -> li
                 test_seconds=1.5 if long_tests else round(rng.uniform(*SECONDS[variant]), 3),
                 forks=forks,
                 linger=round(rng.uniform(0.2, 1.0), 3),
-                kill=fault(rng, 0.22, ("main", "group"), (80, 20)),
+                # An xdist controller killed alone is the harshest kill there is: twice as likely.
+                kill=fault(rng, 0.44 if variant == "xdist" else 0.22, ("main", "group"), (80, 20)),
                 stop=fault(rng, 0.25, ("main", "group"), (50, 50) if variant == "xdist" else (30, 70)),
                 terminate=fault(rng, 0.15, ("all", "one"), (50, 50)) if database else None,
             )
