@@ -80,13 +80,16 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SHARED_URL = os.environ.get("RUNS_TEST_DATABASE", "postgresql://127.0.0.1:5432/test")
 PYTEST = ("-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-q")
 TICK = 0.05
-#: How long each test of a session holds its machine, by kind of session (drawn between these).
-SECONDS = {"plain": (0.1, 0.5), "fork": (0.1, 0.5), "xdist": (0.3, 0.8)}
+#: How long each test of a session holds its machine, by kind (drawn between these): short, and
+#: long enough for a fault to land inside a test (the issue's xdist orphans ran 3 s tests).
+SECONDS = {"short": (0.1, 0.5), "long": (0.8, 2.0), "xdist": (1.0, 2.5)}
 #: A session's processes still alive this long after it ended are counted as left behind.
 LEFT_BEHIND_AFTER = 3.0
 #: Run as PID 1 of a new namespace: set the host name (if given), then run the session as a child.
 IN_NAMESPACE = 'if [ -n "$1" ]; then hostname "$1" || exit 111; fi; shift; "$@"; exit $?'
 RUN_LINE = re.compile(r"pytest-runs: run (\S+) on ")
+#: A session that met the store's lock held past its lock timeout (75 "store lock held by PID ...").
+STORE_LOCKED = re.compile(r"store lock .* has been held|has been locked by another session")
 
 # The tests of every session (the project folders differ by their first line only, so
 # that several sessions share a test-folder identity). What a session does comes from
@@ -211,13 +214,16 @@ class Plan:
         return args
 
 
-def fault(rng: random.Random, probability: float, scopes: Sequence[str], weights: Sequence[float]) -> Fault | None:
+def fault(
+    rng: random.Random, probability: float, scopes: Sequence[str], weights: Sequence[float], holding: float = 0.7
+) -> Fault | None:
+    """A fault, with ``probability``: once the session's first test started (``holding``), else after its launch."""
     if rng.random() >= probability:
         return None
-    holding = rng.random() < 0.7
-    delay = rng.uniform(0.0, 1.0) if holding else rng.uniform(0.2, 3.0)
+    once_holding = rng.random() < holding
+    delay = rng.uniform(0.0, 1.0) if once_holding else rng.uniform(0.2, 3.0)
     scope = rng.choices(scopes, weights)[0]
-    return Fault("holding" if holding else "launch", round(delay, 3), scope, round(rng.uniform(0.3, 2.5), 3))
+    return Fault("holding" if once_holding else "launch", round(delay, 3), scope, round(rng.uniform(0.3, 2.5), 3))
 
 
 def make_plans(count: int, seed: int, *, database: bool, namespaces: bool) -> list[Plan]:
@@ -228,7 +234,12 @@ def make_plans(count: int, seed: int, *, database: bool, namespaces: bool) -> li
         namespace = ("pid", "uts")[rng.random() < 0.5] if namespaces and index % 3 == 2 else ""
         heartbeat = rng.choice((0.1, 0.2, 0.5, 1.0))
         long_tests = variant != "xdist" and rng.random() < 0.04
+        length = "xdist" if variant == "xdist" else rng.choices(("short", "long"), (70, 30))[0]
         forks = ",".join(sorted(rng.sample(("os", "mp", "c"), rng.randint(1, 3)))) if variant == "fork" else ""
+        terminate = fault(rng, 0.15, ("all", "one"), (50, 50))  # drawn on the files too: one plan for a seed
+        # An xdist controller killed alone while its workers test is the harshest kill there is: more of them.
+        xdist = variant == "xdist"
+        kill = fault(rng, 0.5 if xdist else 0.3, ("main", "group"), (80, 20), 1.0 if xdist else 0.7)
         plans.append(
             Plan(
                 index=index,
@@ -244,13 +255,12 @@ def make_plans(count: int, seed: int, *, database: bool, namespaces: bool) -> li
                 namespace=namespace,
                 host=f"soak-host-{index % 2 + 1}" if namespace == "uts" else "",
                 tests={"plain": 3, "fork": 2, "xdist": 4}[variant],
-                test_seconds=1.5 if long_tests else round(rng.uniform(*SECONDS[variant]), 3),
+                test_seconds=1.5 if long_tests else round(rng.uniform(*SECONDS[length]), 3),
                 forks=forks,
                 linger=round(rng.uniform(0.2, 1.0), 3),
-                # An xdist controller killed alone is the harshest kill there is: twice as likely.
-                kill=fault(rng, 0.44 if variant == "xdist" else 0.22, ("main", "group"), (80, 20)),
+                kill=kill,
                 stop=fault(rng, 0.25, ("main", "group"), (50, 50) if variant == "xdist" else (30, 70)),
-                terminate=fault(rng, 0.15, ("all", "one"), (50, 50)) if database else None,
+                terminate=terminate if database else None,
             )
         )
     return plans
@@ -944,6 +954,7 @@ class Result:
     restarts: list[float]
     failed_restarts: int
     runs: int
+    store_locked: int
 
     @property
     def failed(self) -> bool:
@@ -1012,17 +1023,13 @@ def soak(backend: str, args: argparse.Namespace, work: Path, namespaces: bool) -
                 with contextlib.suppress(Exception), admin(SHARED_URL) as conn:
                     conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     lives = runner.lives
+    (work / "sessions.json").write_text(json.dumps([session_facts(live) for live in lives], indent=1))
+    outputs = [live.output.read_text(errors="replace") for live in lives]
     endings = [
-        Ending(
-            live.plan.sid,
-            live.plan.machine,
-            live.status,
-            live.killed,
-            live.cut_off,
-            frozenset(RUN_LINE.findall(live.output.read_text(errors="replace"))),
-        )
-        for live in lives
-    ]
+        Ending(live.plan.sid, live.plan.machine, live.status, live.killed, live.cut_off,
+               frozenset(RUN_LINE.findall(output)))
+        for live, output in zip(lives, outputs, strict=True)
+    ]  # fmt: skip
     stamps = [s for live in lives if live.stamps.exists() for s in parse_stamps(live.stamps.read_text().splitlines())]
     # Only a SIGKILL that ended the main process bounds its open tests.
     killed = {live.plan.sid: live.killed for live in lives if live.killed is not None and live.status in KILLED}
@@ -1044,6 +1051,7 @@ def soak(backend: str, args: argparse.Namespace, work: Path, namespaces: bool) -
         restarts=server.restarts if server is not None else [],
         failed_restarts=server.failed_restarts if server is not None else 0,
         runs=len(records),
+        store_locked=sum(1 for output in outputs if STORE_LOCKED.search(output)),
     )
 
 
@@ -1089,6 +1097,7 @@ def figures(r: Result) -> list[tuple[str, str]]:
         ("runs recorded", str(r.runs)),
         ("exit statuses", ", ".join(f"{s}: {n}" for s, n in sorted(r.statuses.items()))),
         ("undocumented exit statuses", str(len(r.flagged))),
+        ("sessions that met the store's lock held too long", str(r.store_locked)),
         ("**overlaps** (worst ms)", f"**{len(r.overlaps)}** ({worst})"),
         ("**runs left non-terminal**", f"**{len(r.nonterminal)}**"),
         ("**records missing**", f"**{len(r.missing)}**"),
@@ -1131,6 +1140,17 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
                 print(f"  {line}")
             if len(lines) > 40:
                 print(f"  ... and {len(lines) - 40} more")
+
+
+def session_facts(live: Live) -> dict[str, Any]:
+    """What the soak planned for a session and what happened to it (``sessions.json``, kept with ``--keep``)."""
+    facts = dataclasses.asdict(live.plan)
+    facts.update(
+        sid=live.plan.sid, args=live.plan.args(), launched=live.launched, holding=live.holding, exited=live.exited,
+        status=live.status, killed=live.killed, kills=live.kills, stops=live.stops, terminated=live.terminated,
+        cut_off=live.cut_off, left_behind=live.left_behind,
+    )  # fmt: skip
+    return facts
 
 
 def describe(live: Live) -> str:
