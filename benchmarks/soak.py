@@ -83,8 +83,8 @@ TICK = 0.05
 #: How long each test of a session holds its machine, by kind (drawn between these): short, and
 #: long enough for a fault to land inside a test (the issue's xdist orphans ran 3 s tests).
 SECONDS = {"short": (0.1, 0.5), "long": (0.8, 2.0), "xdist": (1.0, 2.5)}
-#: A session's processes still alive this long after it ended are counted as left behind.
-LEFT_BEHIND_AFTER = 3.0
+#: Once every session has ended, how long the soak waits for the processes they left to end.
+LINGER_WAIT = 8.0
 #: Run as PID 1 of a new namespace: set the host name (if given), then run the session as a child.
 IN_NAMESPACE = 'if [ -n "$1" ]; then hostname "$1" || exit 111; fi; shift; "$@"; exit $?'
 RUN_LINE = re.compile(r"pytest-runs: run (\S+) on ")
@@ -136,7 +136,8 @@ def fork_helpers():
             if pid == 0:
                 linger(seconds)
             # A C-forked child can wait forever for a GIL another thread held: end it in any case.
-            subprocess.Popen(["sh", "-c", "sleep %s; kill -9 %d 2>/dev/null" % (seconds + 1, pid)])
+            reaper = "sleep %s; kill -9 %d 2>/dev/null" % (seconds + 1, pid)
+            subprocess.Popen(["sh", "-c", reaper], env={**os.environ, "SOAK_REAPER": "1"})
 
 
 @pytest.mark.parametrize("n", range(int(os.environ.get("SOAK_TESTS", "3"))))
@@ -306,9 +307,12 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def census(token: str) -> dict[str, list[int]]:
-    """The live (not zombie) processes whose environment holds the soak's token, by their session ID."""
-    needle = f"SOAK_TOKEN={token}".encode()
+def census(token: str, *, reapers: bool = False) -> dict[str, list[int]]:
+    """The live (not zombie) processes whose environment holds the soak's token, by their session ID.
+
+    The reapers of C-forked helpers (the soak's own device, not the session's) only with ``reapers``.
+    """
+    needle, reaper = f"SOAK_TOKEN={token}".encode(), b"SOAK_REAPER=1"
     found: dict[str, list[int]] = defaultdict(list)
     for pid, (_, state) in proc_table().items():
         if state in "ZX" or pid == os.getpid():
@@ -317,11 +321,19 @@ def census(token: str) -> dict[str, list[int]]:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle not in environ:
+        if needle not in environ or (reaper in environ and not reapers):
             continue
         sid = next((e[9:].decode() for e in environ if e.startswith(b"SOAK_SID=")), "?")
         found[sid].append(pid)
     return found
+
+
+def is_ours(pid: int, token: str) -> bool:
+    """Whether process ``pid`` carries the soak's token (a PID of the soak's that was not reused)."""
+    try:
+        return f"SOAK_TOKEN={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def signal_quietly(pid: int, signum: int, *, group: bool = False) -> bool:
@@ -450,8 +462,7 @@ class Live:
     stops: int = 0
     terminated: int = 0
     cut_off: bool = False
-    left_behind: int = 0
-    left_behind_checked: bool = False
+    outlived: float = 0.0  # how long after its end a process of it was last seen alive
     pending: list[tuple[str, Fault]] = dataclasses.field(default_factory=list)  # faults waiting for the first test
 
     def main_pid(self) -> int | None:
@@ -541,7 +552,8 @@ class Runner:
         began = time.monotonic()
         stop_launching, bound = began + self.seconds * 0.85, began + self.seconds
         upcoming = iter(self.plans)
-        last_census = 0.0
+        last_look = last_exit = 0.0
+        lingering = True
         while True:
             now = time.monotonic()
             if now >= bound:
@@ -557,15 +569,13 @@ class Runner:
                 if self.restart_at and len(self.lives) >= self.restart_at[0]:
                     self.restart_at.pop(0)
                     self._restart()
-            elif (
-                alive == 0
-                and (len(self.lives) == len(self.plans) or now >= stop_launching)
-                and all(live.left_behind_checked for live in self.lives)
-            ):
-                break
-            if now - last_census > 1.0:
-                last_census = now
-                self._reap()
+            elif alive == 0 and (len(self.lives) == len(self.plans) or now >= stop_launching):
+                last_exit = last_exit or now
+                if not lingering or now - last_exit > LINGER_WAIT:
+                    break
+            if now - last_look > 0.5:
+                last_look = now
+                lingering = self._look()
             time.sleep(0.02)
 
     def _launch(self, plan: Plan) -> None:
@@ -615,7 +625,6 @@ class Runner:
         status = live.process.poll()
         if status is not None:
             live.exited, live.status = time.time(), status
-            self.at(LEFT_BEHIND_AFTER, lambda: self._count_left_behind(live))
 
     def _dealer(self, kind: str, live: Live, planned: Fault) -> Callable[[], None]:
         def deal() -> None:
@@ -630,31 +639,39 @@ class Runner:
 
         return deal
 
+    def _signal(self, live: Live, signum: int, target: int | None) -> bool:
+        """Send ``signum`` to one process of the session (``target``), or to its whole process group.
+
+        Only to processes of the soak: the group through its leader while it is unreaped
+        (so its PID cannot have been reused), else each process that carries the token.
+        """
+        if target is not None:
+            return is_ours(target, self.token) and signal_quietly(target, signum)
+        if live.process.poll() is None:
+            return signal_quietly(live.process.pid, signum, group=True)
+        found = census(self.token, reapers=True).get(live.plan.sid, [])
+        return sum(signal_quietly(pid, signum) for pid in found) > 0  # each of them, not the first
+
     def _kill(self, live: Live, scope: str) -> None:
         target = live.main_pid() if scope == "main" else None
         how = ("controller" if live.plan.variant == "xdist" else "main") if target is not None else "group"
         live.killed = time.time()
-        sent = (
-            signal_quietly(target, signal.SIGKILL)
-            if target is not None
-            else signal_quietly(live.process.pid, signal.SIGKILL, group=True)
-        )
-        if sent:
+        if self._signal(live, signal.SIGKILL, target):
             live.kills.append(how)
             self.chaos.kills[how] += 1
 
     def _stop(self, live: Live, planned: Fault) -> None:
         target = live.main_pid() if planned.scope == "main" else None
         how = ("controller" if live.plan.variant == "xdist" else "main") if target is not None else "group"
-        pid, group = (target, False) if target is not None else (live.process.pid, True)
-        if signal_quietly(pid, signal.SIGSTOP, group=group):
+        if self._signal(live, signal.SIGSTOP, target):
             live.stops += 1
             self.chaos.stops[how] += 1
             # Continued in any case: a kill in between does not end the stopped rest of its group.
-            self.at(planned.duration, lambda: self._cont(pid, group))
+            self.at(planned.duration, lambda: self._cont(live, target))
 
-    def _cont(self, pid: int, group: bool) -> None:
-        signal_quietly(pid, signal.SIGCONT, group=group)
+    def _cont(self, live: Live, target: int | None) -> None:
+        if not self._signal(live, signal.SIGCONT, target) and target is not None:
+            self._signal(live, signal.SIGCONT, None)
 
     def _terminate(self, live: Live, scope: str) -> None:
         if self.url is None or (self.restarter is not None and self.restarter.is_alive()):
@@ -688,15 +705,23 @@ class Runner:
         self.restarter = threading.Thread(target=server.restart, name="pg-restart", daemon=True)
         self.restarter.start()
 
-    def _count_left_behind(self, live: Live) -> None:
-        live.left_behind = len(census(self.token).get(live.plan.sid, []))
-        live.left_behind_checked = True
+    def _look(self) -> bool:
+        """Note how long ended sessions' processes outlive them, and reap orphans; whether any of them lives."""
+        found = census(self.token)
+        now = time.time()
+        lingering = False
+        for live in self.lives:
+            if live.exited is not None and live.plan.sid in found:
+                live.outlived = max(live.outlived, now - live.exited)
+                lingering = True
+        self._reap(found)
+        return lingering
 
-    def _reap(self) -> None:
+    def _reap(self, found: dict[str, list[int]]) -> None:
         """Reap orphans handed to the soak (it is their subreaper), never a session's own process."""
         mine = {live.process.pid for live in self.lives}
         table = proc_table()
-        for pids in census(self.token).values():
+        for pids in found.values():
             self.adopted.update(pid for pid in pids if table.get(pid, (0, ""))[0] == os.getpid() and pid not in mine)
         for pid in list(self.adopted):
             with contextlib.suppress(ChildProcessError):
@@ -709,17 +734,17 @@ class Runner:
     def end_everything(self) -> None:
         """Kill every process the soak's sessions started, wherever it is (namespaces too), and reap them."""
         for live in self.lives:
-            if live.process.poll() is None:
+            if live.process.poll() is None:  # unreaped: its process group is still the session's
                 live.cut_off = live.exited is None
                 if live.killed is None:
                     live.killed = time.time()
-            signal_quietly(live.process.pid, signal.SIGKILL, group=True)
-            signal_quietly(live.process.pid, signal.SIGCONT, group=True)
+                signal_quietly(live.process.pid, signal.SIGKILL, group=True)
+                signal_quietly(live.process.pid, signal.SIGCONT, group=True)
         deadline = time.monotonic() + 30
         ended_sessions = {live.plan.sid for live in self.lives if live.exited is not None}
         first = True
         while time.monotonic() < deadline:
-            found = census(self.token)
+            found = census(self.token, reapers=True)
             if first:
                 self.left_over = sum(len(pids) for sid, pids in found.items() if sid in ended_sessions)
                 first = False
@@ -729,14 +754,14 @@ class Runner:
                 for pid in pids:
                     signal_quietly(pid, signal.SIGKILL)
                     signal_quietly(pid, signal.SIGCONT)
-            self._reap()
+            self._reap(found)
             time.sleep(0.05)
         for live in self.lives:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 live.process.wait(timeout=10)
             if live.exited is None:
                 live.exited, live.status = time.time(), live.process.returncode
-        self._reap()
+        self._reap(census(self.token, reapers=True))
         if self.restarter is not None:
             self.restarter.join(timeout=130)
 
@@ -1102,7 +1127,8 @@ def figures(r: Result) -> list[tuple[str, str]]:
         ("**runs left non-terminal**", f"**{len(r.nonterminal)}**"),
         ("**records missing**", f"**{len(r.missing)}**"),
         ("**duplicate fences**", f"**{len(r.fences)}**"),
-        ("sessions with processes alive 3 s after their end", str(many(lambda live: live.left_behind > 0))),
+        ("sessions outlived by a process of theirs (longest s)",
+         f"{many(lambda live: live.outlived > 0)} ({max((live.outlived for live in r.lives), default=0):.1f})"),
         ("processes killed at the end (their session had ended)", str(r.left_over)),
         ("wall time s", f"{r.seconds:.0f}"),
     ]  # fmt: skip
@@ -1123,13 +1149,14 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             key = (o.first.sid, o.second.sid)
             if key not in by_session or o.ms > by_session[key].ms:
                 by_session[key] = o
+        lives = {live.plan.sid: live for live in r.lives}
+        origin = min((live.launched for live in r.lives), default=0.0)  # times in seconds from the first launch
         for o in sorted(by_session.values(), key=lambda o: -o.ms):
             a, b = o.first, o.second
-            lives = {live.plan.sid: live for live in r.lives}
             lines.append(
-                f"overlap {o.ms:.0f} ms on {o.machine}: {a.sid} {a.test} [{a.start:.3f}, {a.end:.3f}]"
-                f"{'' if a.closed else ' (open)'} ({describe(lives[a.sid]) if a.sid in lives else ''}) and "
-                f"{b.sid} {b.test} from {b.start:.3f} ({describe(lives[b.sid]) if b.sid in lives else ''})"
+                f"overlap {o.ms:.0f} ms on {o.machine}: {a.sid} {a.test} [{a.start - origin:.3f}, {a.end - origin:.3f}]"
+                f"{'' if a.closed else ' (open)'} ({describe(lives[a.sid], origin)}) and {b.sid} {b.test} from "
+                f"{b.start - origin:.3f} ({describe(lives[b.sid], origin)})"
             )
         lines += [f"non-terminal: {p}" for p in r.nonterminal]
         lines += [f"missing: {p}" for p in r.missing]
@@ -1148,18 +1175,18 @@ def session_facts(live: Live) -> dict[str, Any]:
     facts.update(
         sid=live.plan.sid, args=live.plan.args(), launched=live.launched, holding=live.holding, exited=live.exited,
         status=live.status, killed=live.killed, kills=live.kills, stops=live.stops, terminated=live.terminated,
-        cut_off=live.cut_off, left_behind=live.left_behind,
+        cut_off=live.cut_off, outlived=live.outlived,
     )  # fmt: skip
     return facts
 
 
-def describe(live: Live) -> str:
+def describe(live: Live, origin: float) -> str:
     plan = live.plan
     parts = [plan.variant, plan.policy, f"hb {plan.heartbeat:g}", f"exit {live.status}"]
     if plan.namespace:
         parts.append(plan.namespace + (f" {plan.host}" if plan.host else ""))
-    if live.kills:
-        parts.append("killed " + "+".join(live.kills))
+    if live.kills and live.killed is not None:
+        parts.append("killed " + "+".join(live.kills) + f" at {live.killed - origin:.3f}")
     if live.stops:
         parts.append(f"stopped {live.stops}x")
     if live.terminated:
