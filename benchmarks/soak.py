@@ -85,9 +85,13 @@ TICK = 0.05
 SECONDS = {"short": (0.1, 0.5), "long": (0.8, 2.0), "xdist": (1.0, 2.5)}
 #: Once every session has ended, how long the soak waits for the processes they left to end.
 LINGER_WAIT = 8.0
+#: A process of a session still alive this long after the session ended is killed (and counted):
+#: orphaned xdist workers end by then, and a C-forked helper that never got the GIL back never ends.
+OUTLIVE_LIMIT = 10.0
 #: Run as PID 1 of a new namespace: set the host name (if given), then run the session as a child.
 IN_NAMESPACE = 'if [ -n "$1" ]; then hostname "$1" || exit 111; fi; shift; "$@"; exit $?'
 RUN_LINE = re.compile(r"pytest-runs: run (\S+) on ")
+BUSY_LINE = re.compile(r"is busy with run (\S+) \(")
 #: A session that met the store's lock held past its lock timeout (75 "store lock held by PID ...").
 STORE_LOCKED = re.compile(r"store lock .* has been held|has been locked by another session")
 
@@ -519,6 +523,7 @@ class Runner:
         self.restarter: threading.Thread | None = None
         self.adopted: set[int] = set()
         self.left_over = 0  # processes killed at the end, after their session had ended
+        self.outlive_killed = 0  # processes killed OUTLIVE_LIMIT after their session ended
         (work / "stamps").mkdir(parents=True)
         (work / "out").mkdir()
         self.projects = self._make_projects()
@@ -714,6 +719,8 @@ class Runner:
             if live.exited is not None and live.plan.sid in found:
                 live.outlived = max(live.outlived, now - live.exited)
                 lingering = True
+                if live.outlived > OUTLIVE_LIMIT:
+                    self.outlive_killed += sum(signal_quietly(pid, signal.SIGKILL) for pid in found[live.plan.sid])
         self._reap(found)
         return lingering
 
@@ -838,6 +845,9 @@ class Ending:
     killed: float | None
     cut_off: bool
     printed: frozenset[str]  # run IDs in its output
+    launched: float = 0.0
+    exited: float | None = None
+    busy: frozenset[str] = frozenset()  # run IDs it was told held its machine
 
 
 def parse_stamps(lines: Iterable[str]) -> list[Stamp]:
@@ -946,6 +956,27 @@ def missing_records(endings: Iterable[Ending], found: Iterable[Interval], record
     return problems
 
 
+def kept_by_the_dead(endings: Sequence[Ending], found: Iterable[Interval], slack: float = 0.5) -> list[str]:
+    """Sessions told their machine was busy with the run of a session that had ended before they started.
+
+    Once a session's process is gone, its run is stale at once (its liveness lock died with
+    it), so such a busy answer means something else kept the machine: a forked helper that
+    inherited the lock, say (issue 17, point 3).
+    """
+    owner = {interval.run: interval.sid for interval in found}
+    owner.update((run, ending.sid) for ending in endings for run in ending.printed)
+    ended = {ending.sid: ending.exited for ending in endings if ending.exited is not None}
+    kept = []
+    for ending in endings:
+        for run in sorted(ending.busy):
+            holder = owner.get(run)
+            gone = ended.get(holder) if holder is not None else None
+            if holder is not None and holder != ending.sid and gone is not None and gone + slack < ending.launched:
+                kept.append(f"{ending.sid} was told {ending.machine} is busy with run {run} of {holder}, "
+                            f"which had ended {ending.launched - gone:.1f} s before it started")  # fmt: skip
+    return kept
+
+
 def flagged_statuses(endings: Iterable[Ending]) -> list[str]:
     """Exit statuses outside the documented set (a SIGKILL's only for the sessions the soak killed)."""
     flagged = []
@@ -975,7 +1006,9 @@ class Result:
     nonterminal: list[str]
     missing: list[str]
     fences: list[str]
+    kept: list[str]
     left_over: int
+    outlive_killed: int
     restarts: list[float]
     failed_restarts: int
     runs: int
@@ -1052,7 +1085,7 @@ def soak(backend: str, args: argparse.Namespace, work: Path, namespaces: bool) -
     outputs = [live.output.read_text(errors="replace") for live in lives]
     endings = [
         Ending(live.plan.sid, live.plan.machine, live.status, live.killed, live.cut_off,
-               frozenset(RUN_LINE.findall(output)))
+               frozenset(RUN_LINE.findall(output)), live.launched, live.exited, frozenset(BUSY_LINE.findall(output)))
         for live, output in zip(lives, outputs, strict=True)
     ]  # fmt: skip
     stamps = [s for live in lives if live.stamps.exists() for s in parse_stamps(live.stamps.read_text().splitlines())]
@@ -1072,7 +1105,9 @@ def soak(backend: str, args: argparse.Namespace, work: Path, namespaces: bool) -
         nonterminal=nonterminal,
         missing=missing_records(endings, found, records),
         fences=duplicate_fences(records.values(), found),
+        kept=kept_by_the_dead(endings, found),
         left_over=runner.left_over,
+        outlive_killed=runner.outlive_killed,
         restarts=server.restarts if server is not None else [],
         failed_restarts=server.failed_restarts if server is not None else 0,
         runs=len(records),
@@ -1123,13 +1158,15 @@ def figures(r: Result) -> list[tuple[str, str]]:
         ("exit statuses", ", ".join(f"{s}: {n}" for s, n in sorted(r.statuses.items()))),
         ("undocumented exit statuses", str(len(r.flagged))),
         ("sessions that met the store's lock held too long", str(r.store_locked)),
+        ("sessions told busy by a run whose session had ended", str(len(r.kept))),
         ("**overlaps** (worst ms)", f"**{len(r.overlaps)}** ({worst})"),
         ("**runs left non-terminal**", f"**{len(r.nonterminal)}**"),
         ("**records missing**", f"**{len(r.missing)}**"),
         ("**duplicate fences**", f"**{len(r.fences)}**"),
         ("sessions outlived by a process of theirs (longest s)",
          f"{many(lambda live: live.outlived > 0)} ({max((live.outlived for live in r.lives), default=0):.1f})"),
-        ("processes killed at the end (their session had ended)", str(r.left_over)),
+        (f"processes killed {OUTLIVE_LIMIT:g} s after their session ended / at the end",
+         f"{r.outlive_killed} / {r.left_over}"),
         ("wall time s", f"{r.seconds:.0f}"),
     ]  # fmt: skip
 
@@ -1161,8 +1198,9 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         lines += [f"non-terminal: {p}" for p in r.nonterminal]
         lines += [f"missing: {p}" for p in r.missing]
         lines += [f"fence: {p}" for p in r.fences]
+        lines += [f"kept by the dead: {p}" for p in r.kept]
         if lines:
-            print(f"\n{r.backend}: {len(lines)} findings")
+            print(f"\n{r.backend}: findings ({len(lines)})")
             for line in lines[:40]:
                 print(f"  {line}")
             if len(lines) > 40:

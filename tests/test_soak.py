@@ -91,3 +91,16 @@ def test_duplicate_fences_missing_records_and_odd_statuses_are_flagged(soak: Mod
     assert soak.missing_records([ending("a", 0)], found, records) == []
     statuses = [ending("a", 0), ending("b", -9, killed=5.0), ending("c", -9), ending("d", 3), ending("h", 137)]
     assert soak.flagged_statuses(statuses) == ["c: exit status -9", "d: exit status 3", "h: exit status 137"]
+
+
+def test_a_busy_answer_naming_the_run_of_a_session_already_gone_is_flagged(soak: ModuleType) -> None:
+    found = soak.intervals(soak.parse_stamps([line("start", 1, "a"), line("end", 2, "a")]), {})
+
+    def ending(sid: str, launched: float, exited: float, busy: tuple[str, ...] = ()) -> object:
+        return soak.Ending(sid, "rig-1", 0, None, False, frozenset(), launched, exited, frozenset(busy))
+
+    # b asked while a lived (launched before a ended): an honest busy answer; c started 3 s after a was gone.
+    endings = [ending("a", 0, 2.5), ending("b", 1, 4, ("run-a",)), ending("c", 5.5, 6, ("run-a",))]
+    assert soak.kept_by_the_dead(endings, found) == [
+        "c was told rig-1 is busy with run run-a of a, which had ended 3.0 s before it started"
+    ]
