@@ -1,46 +1,53 @@
 """Soak: many real tracked pytest sessions on 3 machines, with every fault at once, bounded in time.
 
-    .venv/bin/python benchmarks/soak.py --sessions 40                    # quick: about 2 minutes
-    .venv/bin/python benchmarks/soak.py --sessions 1000 --seconds 3000   # full, files and PostgreSQL
+    .venv/bin/python benchmarks/soak.py --sessions 40                  # quick: 1-2 minutes for both
+    .venv/bin/python benchmarks/soak.py --sessions 1000 --seed 1       # full: files, then PostgreSQL
 
-For each backend (``--backend files|postgres|postgres-shared|both``; ``both`` is the files
-and a private PostgreSQL server) it runs ``--sessions`` pytest sessions, at most
-``--concurrency`` at a time, each on one of 3 machines, planned from ``--seed``:
+For each backend (``--backend files|postgres|postgres-shared|both``; ``both``, the default,
+is the files and then a private PostgreSQL server) it runs ``--sessions`` pytest sessions,
+at most ``--concurrency`` at a time, each on one of 3 machines, planned from ``--seed`` (one
+plan for both backends):
 
 - a third in their own PID namespace (``unshare --pid --fork --mount-proc``, as root), half
   of those also in their own UTS namespace under another host name;
 - busy policies ``fail``, ``wait`` (wait timeouts of 2-20 s) and ``skip``; heartbeats of
   0.1-1 s and leases of a few heartbeats; some with a short ``--runs-lock-timeout`` and some
-  with a ``--runs-timeout`` shorter than their tests;
-- some under xdist (``-n 2``); some whose tests fork helpers that outlive the test for a
-  moment (``os.fork``, ``multiprocessing`` with fork, ``ctypes.CDLL(None).fork()``);
+  with a ``--runs-timeout`` shorter than their tests; tests of 0.1-0.5 s, or 0.8-2.5 s;
+- some under xdist (``-n 2``); some whose first test forks helpers that outlive it by
+  0.2-2 s (``os.fork``, ``multiprocessing`` with fork, ``ctypes.CDLL(None).fork()``);
 - SIGKILL of sessions (the pytest process, its whole process group, or an xdist
-  controller alone) and SIGSTOP/SIGCONT (the group, or the controller alone), soon after
-  their launch or once their first test has started;
-- on PostgreSQL: ``pg_terminate_backend`` of sessions' connections (found from their
-  sockets), and, on the private server the soak starts itself (``initdb`` and ``pg_ctl``
-  from /usr/lib/postgresql/15/bin, run as the ``postgres`` user, on a free port, in a
-  temporary folder), ``pg_ctl -m fast restart`` ``--restarts`` times. The shared server
-  (``RUNS_TEST_DATABASE``, else 127.0.0.1:5432) is used only by ``postgres-shared``: a
-  schema of its own, dropped at the end, and only the soak's own sessions' connections
-  terminated; never restarted.
+  controller alone) and SIGSTOP/SIGCONT for 0.3-2.5 s (the group, or the pytest process or
+  xdist controller alone), soon after their launch or once their first test has started;
+- on PostgreSQL: ``pg_terminate_backend`` of sessions' connections (all, or one; found from
+  their sockets), and, on the private server the soak starts itself (``initdb`` and
+  ``pg_ctl`` from /usr/lib/postgresql/15/bin, run as the ``postgres`` user, on a free port,
+  in a temporary folder), ``pg_ctl -m fast restart`` ``--restarts`` times. The shared
+  server (``RUNS_TEST_DATABASE``, else 127.0.0.1:5432) is used only by ``postgres-shared``:
+  a schema of its own, dropped at the end, only the soak's own sessions' connections
+  terminated, never restarted.
 
 Every test writes stamps (start, a tick every 50 ms, end; wall time, machine, session, run
-ID, fence, PID, xdist worker, host name) to a file of its session. Once every process the
-soak started is gone, one look per machine reclaims stale runs, and the soak prints per
-backend: sessions started, faults dealt, exit statuses (any not documented flagged),
-overlaps between different sessions' tests on one machine (count, worst in ms), runs left
-non-terminal, records missing (a run ID a session printed or stamped that the store does not
-have, or has on another machine or fence), fences used twice on one machine, and processes
-of a session still alive 3 s after it ended. A test left open by a death lasts until its
-last tick, or until the SIGKILL of the process it ran in.
+ID, fence, PID, xdist worker, host name) to a file of its session. A test left open by a
+death lasts until its last tick, or until the SIGKILL of the process it ran in. Once every
+process the soak started is gone, one look per machine (``Store.prepare_atomic``) reclaims
+stale runs, and the soak prints a table per backend: sessions started, faults dealt, exit
+statuses (any outside the documented 0, 1, 2, 4, 5, 69, 75, 76 flagged, and a SIGKILL's
+-9/137 unless the soak sent it); **overlaps** between different sessions' tests on one
+machine (count, worst in ms); **runs left non-terminal**; **records missing** (a run ID a
+session printed or stamped that the store lacks, or holds on another machine or fence);
+**duplicate fences** on one machine (in the store, or stamped by two sessions); and, as
+signs of the faults of issue 17: sessions told their machine was busy with the run of a
+session that had ended before they started, sessions that met the store's lock held too
+long, and how long sessions' processes outlived them (killed after 10 s).
 
 Exit status 1 if any overlap, non-terminal run, missing record or duplicate fence was found
 (also an undocumented exit status, with ``--strict``), else 0. ``--seconds`` bounds each
-backend's sessions (launching stops at 85% of it; whatever still runs at the bound is
-killed and counted as cut off); setting up, reclaiming and cleaning up add well under a
-minute. Every process, namespace and server the soak started is ended and its folders
-removed (``--keep`` keeps the stamps and outputs), also on Ctrl-C or SIGTERM.
+backend's sessions (default 60 + 1.5 s a session; launching stops at 85% of it, and what
+still runs at the bound is killed and counted as cut off); setting up, reclaiming and
+cleaning up add well under a minute. Every process (found by a token in its environment,
+in any namespace), namespace and server the soak started is ended and its folders removed
+(``--keep`` keeps the stamps, outputs, stores and ``sessions.json``), also on Ctrl-C or
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -262,7 +269,7 @@ def make_plans(count: int, seed: int, *, database: bool, namespaces: bool) -> li
                 tests={"plain": 3, "fork": 2, "xdist": 4}[variant],
                 test_seconds=1.5 if long_tests else round(rng.uniform(*SECONDS[length]), 3),
                 forks=forks,
-                linger=round(rng.uniform(0.2, 1.0), 3),
+                linger=round(rng.uniform(0.2, 2.0), 3),
                 kill=kill,
                 stop=fault(rng, 0.25, ("main", "group"), (50, 50) if variant == "xdist" else (30, 70)),
                 terminate=terminate if database else None,
