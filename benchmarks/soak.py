@@ -41,7 +41,8 @@ session that had ended before they started, sessions that met the store's lock h
 long, and how long sessions' processes outlived them (killed after 10 s).
 
 Exit status 1 if any overlap, non-terminal run, missing record or duplicate fence was found
-(also an undocumented exit status, with ``--strict``), else 0. ``--seconds`` bounds each
+(also an undocumented exit status, or a session whose exit status and run record disagree,
+with ``--strict``), else 0. ``--seconds`` bounds each
 backend's sessions (default 60 + 1.5 s a session; launching stops at 85% of it, and what
 still runs at the bound is killed and counted as cut off); setting up, reclaiming and
 cleaning up add well under a minute. Every process (found by a token in its environment,
@@ -840,6 +841,8 @@ class Record:
     fence: int | None
     status: str
     terminal: bool
+    exit_code: int | None = None
+    error_code: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -984,6 +987,30 @@ def kept_by_the_dead(endings: Sequence[Ending], found: Iterable[Interval], slack
     return kept
 
 
+def disagreements(endings: Iterable[Ending], found: Iterable[Interval], records: dict[str, Record]) -> list[str]:
+    """Sessions whose exit status and run record disagree: 0 but not completed, or completed but not 0.
+
+    A session the soak killed is left out (its run may have ended either way).
+    """
+    runs: dict[str, set[str]] = defaultdict(set)
+    for interval in found:
+        runs[interval.sid].add(interval.run)
+    problems = []
+    for ending in endings:
+        if ending.status is None or ending.status in KILLED:
+            continue
+        for run in sorted(runs.get(ending.sid, set()) | ending.printed):
+            record = records.get(run)
+            if record is None or not record.terminal:
+                continue  # missing or non-terminal: counted as such
+            if (ending.status == 0) != (record.status == "completed"):
+                problems.append(
+                    f"{ending.sid} exited {ending.status}; its run {run} is {record.status}"
+                    + (f" ({record.error_code})" if record.error_code else "")
+                )
+    return problems
+
+
 def flagged_statuses(endings: Iterable[Ending]) -> list[str]:
     """Exit statuses outside the documented set (a SIGKILL's only for the sessions the soak killed)."""
     flagged = []
@@ -1014,6 +1041,7 @@ class Result:
     missing: list[str]
     fences: list[str]
     kept: list[str]
+    disagree: list[str]
     left_over: int
     outlive_killed: int
     restarts: list[float]
@@ -1052,7 +1080,9 @@ def reclaim_and_read(state_dir: Path, url: str | None) -> tuple[dict[str, Record
         if callable(close):
             close()
     records = {
-        run.id: Record(run.id, run.machine, run.fence, run.status.value, run.status.is_terminal)
+        run.id: Record(
+            run.id, run.machine, run.fence, run.status.value, run.status.is_terminal, run.exit_code, run.error_code
+        )
         for run in runs
         if run.id not in finals
     }
@@ -1113,6 +1143,7 @@ def soak(backend: str, args: argparse.Namespace, work: Path, namespaces: bool) -
         missing=missing_records(endings, found, records),
         fences=duplicate_fences(records.values(), found),
         kept=kept_by_the_dead(endings, found),
+        disagree=disagreements(endings, found, records),
         left_over=runner.left_over,
         outlive_killed=runner.outlive_killed,
         restarts=server.restarts if server is not None else [],
@@ -1166,6 +1197,7 @@ def figures(r: Result) -> list[tuple[str, str]]:
         ("undocumented exit statuses", str(len(r.flagged))),
         ("sessions that met the store's lock held too long", str(r.store_locked)),
         ("sessions told busy by a run whose session had ended", str(len(r.kept))),
+        ("sessions whose exit status and run record disagree", str(len(r.disagree))),
         ("**overlaps** (worst ms)", f"**{len(r.overlaps)}** ({worst})"),
         ("**runs left non-terminal**", f"**{len(r.nonterminal)}**"),
         ("**records missing**", f"**{len(r.missing)}**"),
@@ -1206,6 +1238,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         lines += [f"missing: {p}" for p in r.missing]
         lines += [f"fence: {p}" for p in r.fences]
         lines += [f"kept by the dead: {p}" for p in r.kept]
+        lines += [f"disagree: {p}" for p in r.disagree]
         if lines:
             print(f"\n{r.backend}: findings ({len(lines)})")
             for line in lines[:40]:
@@ -1247,7 +1280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=6, help="sessions alive at once (default 6)")
     parser.add_argument("--seed", type=int, help="the plan's seed (default: random, printed)")
     parser.add_argument("--restarts", type=int, default=3, help="restarts of the private server (default 3)")
-    parser.add_argument("--strict", action="store_true", help="an undocumented exit status fails the soak too")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="an undocumented exit status, or an exit status its run record contradicts, fails the soak too",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the stamps, outputs and stores (path printed)")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.concurrency < 1 or args.restarts < 0:
@@ -1283,7 +1320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 shutil.rmtree(work, ignore_errors=True)
     report(results, args)
-    failed = any(r.failed or (args.strict and r.flagged) for r in results)
+    failed = any(r.failed or (args.strict and (r.flagged or r.disagree)) for r in results)
     print("\nsoak: FAILED" if failed else "\nsoak: passed")
     return 1 if failed else 0
 

@@ -104,3 +104,19 @@ def test_a_busy_answer_naming_the_run_of_a_session_already_gone_is_flagged(soak:
     assert soak.kept_by_the_dead(endings, found) == [
         "c was told rig-1 is busy with run run-a of a, which had ended 3.0 s before it started"
     ]
+
+
+def test_an_exit_status_the_run_record_contradicts_is_flagged(soak: ModuleType) -> None:
+    records = {
+        "run-a": soak.Record("run-a", "rig-1", 1, "interrupted", True, None, "owner_lost"),
+        "run-b": soak.Record("run-b", "rig-1", 2, "completed", True, 0),
+        "run-c": soak.Record("run-c", "rig-1", 3, "interrupted", True, None, "owner_lost"),
+    }
+    lines = [line("start", 1, sid, fence=fence) for sid, fence in (("a", "1"), ("b", "2"), ("c", "3"))]
+    found = soak.intervals(soak.parse_stamps(lines), {})
+    endings = [
+        soak.Ending("a", "rig-1", 0, None, False, frozenset()),  # passed, yet its run was taken from it
+        soak.Ending("b", "rig-1", 0, None, False, frozenset()),
+        soak.Ending("c", "rig-1", -9, 1.5, False, frozenset()),  # killed: either way
+    ]
+    assert soak.disagreements(endings, found, records) == ["a exited 0; its run run-a is interrupted (owner_lost)"]
