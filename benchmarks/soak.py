@@ -21,7 +21,7 @@ plan for both backends):
 - on PostgreSQL: ``pg_terminate_backend`` of sessions' connections (all, or one; found from
   their sockets), and, on the private server the soak starts itself (``initdb`` and
   ``pg_ctl`` from /usr/lib/postgresql/15/bin, run as the ``postgres`` user, on a free port,
-  in a temporary folder), ``pg_ctl -m fast restart`` ``--restarts`` times. The shared
+  in a temporary folder), ``pg_ctl -m fast restart`` ``--restarts`` times (one per 100 sessions, at least 3). The shared
   server (``RUNS_TEST_DATABASE``, else 127.0.0.1:5432) is used only by ``postgres-shared``:
   a schema of its own, dropped at the end, only the soak's own sessions' connections
   terminated, never restarted.
@@ -733,11 +733,21 @@ class Runner:
         return lingering
 
     def _reap(self, found: dict[str, list[int]]) -> None:
-        """Reap orphans handed to the soak (it is their subreaper), never a session's own process."""
+        """Reap orphans handed to the soak (it is their subreaper), never a session's own process.
+
+        Orphans seen alive with the token, and zombie children that are no session's (a
+        zombie's environment cannot be read) while no ``pg_ctl`` of the soak's runs.
+        """
         mine = {live.process.pid for live in self.lives}
         table = proc_table()
         for pids in found.values():
             self.adopted.update(pid for pid in pids if table.get(pid, (0, ""))[0] == os.getpid() and pid not in mine)
+        if self.restarter is None or not self.restarter.is_alive():
+            self.adopted.update(
+                pid
+                for pid, (parent, state) in table.items()
+                if parent == os.getpid() and state == "Z" and pid not in mine
+            )
         for pid in list(self.adopted):
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == 0:
@@ -1279,7 +1289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="bound of each backend's sessions (default 60 + 1.5 s a session)")
     parser.add_argument("--concurrency", type=int, default=6, help="sessions alive at once (default 6)")
     parser.add_argument("--seed", type=int, help="the plan's seed (default: random, printed)")
-    parser.add_argument("--restarts", type=int, default=3, help="restarts of the private server (default 3)")
+    parser.add_argument(
+        "--restarts", type=int, help="restarts of the private server (default: one per 100 sessions, at least 3)"
+    )
     parser.add_argument(
         "--strict",
         action="store_true",
@@ -1287,12 +1299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the stamps, outputs and stores (path printed)")
     args = parser.parse_args(argv)
-    if args.sessions < 1 or args.concurrency < 1 or args.restarts < 0:
+    if args.sessions < 1 or args.concurrency < 1 or (args.restarts or 0) < 0:
         parser.error("--sessions and --concurrency must be at least 1, --restarts at least 0")
     if args.seed is None:
         args.seed = random.randrange(1 << 32)
     if args.seconds is None:
         args.seconds = 60 + 1.5 * args.sessions
+    if args.restarts is None:
+        args.restarts = max(3, args.sessions // 100)
     backends = ["files", "postgres"] if args.backend == "both" else [args.backend]
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
