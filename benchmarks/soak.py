@@ -21,10 +21,10 @@ plan for both backends):
 - on PostgreSQL: ``pg_terminate_backend`` of sessions' connections (all, or one; found from
   their sockets), and, on the private server the soak starts itself (``initdb`` and
   ``pg_ctl`` from /usr/lib/postgresql/15/bin, run as the ``postgres`` user, on a free port,
-  in a temporary folder), ``pg_ctl -m fast restart`` ``--restarts`` times (one per 100 sessions, at least 3). The shared
-  server (``RUNS_TEST_DATABASE``, else 127.0.0.1:5432) is used only by ``postgres-shared``:
-  a schema of its own, dropped at the end, only the soak's own sessions' connections
-  terminated, never restarted.
+  in a temporary folder), ``pg_ctl -m fast restart`` ``--restarts`` times (one per 100
+  sessions, at least 3). The shared server (``RUNS_TEST_DATABASE``, else 127.0.0.1:5432) is
+  used only by ``postgres-shared``: a schema of its own, dropped at the end, only the soak's
+  own sessions' connections terminated, never restarted.
 
 Every test writes stamps (start, a tick every 50 ms, end; wall time, machine, session, run
 ID, fence, PID, xdist worker, host name) to a file of its session. A test left open by a
