@@ -498,6 +498,7 @@ class Chaos:
     terminated: int = 0  # connections
     terminations: int = 0  # occasions
     restarts: int = 0
+    restarted_at: list[float] = dataclasses.field(default_factory=list)  # wall times
 
 
 class Runner:
@@ -715,6 +716,7 @@ class Runner:
         if server is None or (self.restarter is not None and self.restarter.is_alive()):
             return
         self.chaos.restarts += 1
+        self.chaos.restarted_at.append(time.time())
         self.restarter = threading.Thread(target=server.restart, name="pg-restart", daemon=True)
         self.restarter.start()
 
@@ -1060,6 +1062,10 @@ class Result:
     store_locked: int
 
     @property
+    def lives_by_sid(self) -> dict[str, Live]:
+        return {live.plan.sid: live for live in self.lives}
+
+    @property
     def failed(self) -> bool:
         return bool(self.overlaps or self.nonterminal or self.missing or self.fences)
 
@@ -1229,7 +1235,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     for index, (label, _) in enumerate(columns[0] if columns else []):
         print(f"| {label} | " + " | ".join(column[index][1] for column in columns) + " |")
     for r in results:
-        lines = [f"undocumented: {f}" for f in r.flagged]
+        lines = []
         by_session: dict[tuple[str, str], Overlap] = {}
         for o in r.overlaps:  # the worst overlap of each pair of sessions
             key = (o.first.sid, o.second.sid)
@@ -1237,18 +1243,24 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
                 by_session[key] = o
         lives = {live.plan.sid: live for live in r.lives}
         origin = min((live.launched for live in r.lives), default=0.0)  # times in seconds from the first launch
+
+        def told(sid: str, r: Result = r, origin: float = origin) -> str:
+            return describe(r.lives_by_sid[sid], origin, r.chaos.restarted_at)
+
         for o in sorted(by_session.values(), key=lambda o: -o.ms):
             a, b = o.first, o.second
             lines.append(
                 f"overlap {o.ms:.0f} ms on {o.machine}: {a.sid} {a.test} [{a.start - origin:.3f}, {a.end - origin:.3f}]"
-                f"{'' if a.closed else ' (open)'} ({describe(lives[a.sid], origin)}) and {b.sid} {b.test} from "
-                f"{b.start - origin:.3f} ({describe(lives[b.sid], origin)})"
+                f"{'' if a.closed else ' (open)'} ({told(a.sid)}) and {b.sid} {b.test} from "
+                f"{b.start - origin:.3f} ({told(b.sid)})"
             )
         lines += [f"non-terminal: {p}" for p in r.nonterminal]
         lines += [f"missing: {p}" for p in r.missing]
         lines += [f"fence: {p}" for p in r.fences]
-        lines += [f"kept by the dead: {p}" for p in r.kept]
-        lines += [f"disagree: {p}" for p in r.disagree]
+        for label, found in (("undocumented", r.flagged), ("kept by the dead", r.kept), ("disagree", r.disagree)):
+            for problem in found:  # each starts with the session's ID
+                live = lives.get(problem.split(":")[0].split()[0])
+                lines.append(f"{label}: {problem}" + (f" ({told(live.plan.sid)})" if live is not None else ""))
         if lines:
             print(f"\n{r.backend}: findings ({len(lines)})")
             for line in lines[:40]:
@@ -1268,9 +1280,12 @@ def session_facts(live: Live) -> dict[str, Any]:
     return facts
 
 
-def describe(live: Live, origin: float) -> str:
+def describe(live: Live, origin: float, restarts: Sequence[float] = ()) -> str:
+    """The session's kind and what was done to it; times in seconds from ``origin``."""
     plan = live.plan
-    parts = [plan.variant, plan.policy, f"hb {plan.heartbeat:g}", f"exit {live.status}"]
+    ended = live.exited if live.exited is not None else float("inf")
+    parts = [plan.variant, plan.policy, f"hb {plan.heartbeat:g}", f"exit {live.status}",
+             f"ran {live.launched - origin:.3f}-{ended - origin:.3f}"]  # fmt: skip
     if plan.namespace:
         parts.append(plan.namespace + (f" {plan.host}" if plan.host else ""))
     if live.kills and live.killed is not None:
@@ -1279,6 +1294,7 @@ def describe(live: Live, origin: float) -> str:
         parts.append(f"stopped {live.stops}x")
     if live.terminated:
         parts.append(f"{live.terminated} conn terminated")
+    parts += [f"server restarted at {t - origin:.3f}" for t in restarts if live.launched <= t <= ended]
     return ", ".join(parts)
 
 
