@@ -1267,8 +1267,8 @@ def figures(r: Result) -> list[tuple[str, str]]:
 
 
 def report(results: list[Result], args: argparse.Namespace) -> None:
-    print(f"\nsoak: --sessions {args.sessions} --concurrency {args.concurrency} --seed {args.seed} "
-          f"--seconds {args.seconds:g} --restarts {args.restarts}")  # fmt: skip
+    print(f"\nsoak: --backend {args.backend} --sessions {args.sessions} --concurrency {args.concurrency} "
+          f"--seed {args.seed} --seconds {args.seconds:g} --restarts {args.restarts}")  # fmt: skip
     print("| figure | " + " | ".join(r.backend for r in results) + " |")
     print("|---|" + "---|" * len(results))
     columns = [figures(r) for r in results]
@@ -1368,8 +1368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    # Ctrl-C too, also where the soak was started with SIGINT ignored (a background job).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     become_subreaper()
     why = namespaces_unavailable()
     if why is not None:
