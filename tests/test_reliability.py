@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -444,21 +445,48 @@ def test_a_forked_child_that_runs_into_pytests_end_does_not_give_the_machine_awa
     assert (run.status, run.summary and run.summary["text"]) == (Status.COMPLETED, "2 passed")
 
 
+def _lock_lines() -> list[list[str]]:
+    with open("/proc/locks") as locks:
+        return [line.split() for line in locks]
+
+
+def _wait_until_lock_held(pid: int) -> None:
+    """Until process ``pid`` holds a flock."""
+    deadline = time.monotonic() + 60
+    while not any("FLOCK" in fields and "->" not in fields and str(pid) in fields for fields in _lock_lines()):
+        assert time.monotonic() < deadline, f"process {pid} never took its lock"
+        time.sleep(0.05)
+
+
+def _wait_until_lock_awaited(process: subprocess.Popen[str]) -> None:
+    """Until ``process`` is blocked waiting for a flock (a ``->`` line of /proc/locks with its PID)."""
+    deadline = time.monotonic() + 90
+    while not any(fields[1] == "->" and str(process.pid) in fields for fields in _lock_lines() if len(fields) > 1):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the session never waited for the store lock"
+        time.sleep(0.05)
+
+
 def test_a_session_interrupted_while_it_prepares_does_not_block_the_machine(
     pytester: pytest.Pytester, tmp_path: Path
 ) -> None:
     pytester.makepyfile("def test_a(): pass\n")
     state_dir = tmp_path / "state"
     Store(state_dir).create(Run(machine="rig-0", test_dir_hash="h"))  # a store whose lock we can hold
-    blocker = subprocess.Popen(["flock", str(state_dir / "runs.lock"), "sleep", "3"], start_new_session=True)
+    blocker = subprocess.Popen(["flock", str(state_dir / "runs.lock"), "sleep", "120"], start_new_session=True)
     try:
-        time.sleep(0.5)
+        _wait_until_lock_held(blocker.pid)
         victim, _, _ = session(pytester, state_dir, tmp_path, "victim")
-        time.sleep(1.5)  # it waits for the store lock inside prepare; SIGTERM is held back until it returns
+        # It waits for the store lock inside prepare (however slow the machine, it is seen waiting
+        # in /proc/locks); SIGTERM is held back until prepare returns, once the lock is free.
+        _wait_until_lock_awaited(victim)
         victim.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        os.killpg(blocker.pid, signal.SIGKILL)
         out, err = victim.communicate(timeout=60)
     finally:
-        os.killpg(blocker.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(blocker.pid, signal.SIGKILL)
         blocker.wait()
     assert victim.returncode == pytest.ExitCode.INTERRUPTED, (out, err)
     # Other tests, so that the victim's run is not simply claimed as a reservation of the same tests.
