@@ -86,6 +86,7 @@ CASES: dict[str, dict[str, bytes]] = {
     "middle-slash-and-star": {"": b"src/*/gen\n"},
     "globstar-alone": {"sub": b"**\n"},
     "anchored-globstar": {"": b"/**/z\n/a/**\n"},
+    "globstar-after-a-literal-part": {"": b"a**/z\nsrc/m**\n"},
     "non-ascii": {"": "é*\n".encode()},
     "bom": {"": b"\xef\xbb\xbfab\n"},
     "nul-ends-a-pattern": {"": b"ab\0c\n"},
