@@ -40,9 +40,17 @@ from array import array
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from . import sharing
+from . import gitignore, sharing
 
-__all__ = ["DEFAULT_IGNORE", "RACY_SECONDS", "HashCache", "HashError", "hash_test_dir"]
+__all__ = [
+    "DEFAULT_IGNORE",
+    "RACY_SECONDS",
+    "TOP_LEVEL_IGNORE",
+    "HashCache",
+    "HashError",
+    "hash_test_dir",
+    "tree_files",
+]
 
 #: Names left out of the hash wherever they appear in the tree.
 DEFAULT_IGNORE: tuple[str, ...] = (
@@ -60,7 +68,17 @@ DEFAULT_IGNORE: tuple[str, ...] = (
     ".mypy_cache",
     ".ruff_cache",
     "*.egg-info",
+    ".eggs",
+    ".hypothesis",
+    ".coverage",
+    ".coverage.*",
+    "htmlcov",
+    ".benchmarks",
 )
+
+#: Folders left out of the hash only at the top of the test folder, where packaging writes them
+#: (a ``build`` folder of tests further down is part of the tests).
+TOP_LEVEL_IGNORE: tuple[str, ...] = ("build", "dist")
 
 # Bump when the framing changes, so that old and new hashes never coincide.
 _DOMAIN = b"pytest-runs tree v2\0"
@@ -299,6 +317,19 @@ def hash_test_dir(
     return tree.hex()
 
 
+def tree_files(
+    root: str | os.PathLike[str], ignore: Iterable[str] = (), exclude: Iterable[str | os.PathLike[str]] = ()
+) -> list[str]:
+    """The relative POSIX paths of the files and symlinks that :func:`hash_test_dir` covers, sorted."""
+    root_text = str(Path(root))
+    if not os.path.isdir(root_text):
+        raise HashError(f"test dir {root_text} is not a folder")
+    walk = _Walk(*_matchers((*DEFAULT_IGNORE, *ignore)), _excluded(exclude), root_text, with_stats=False)
+    walk.folder(root_text, "")
+    found = [relative for relative, _, _ in walk.files] + [relative for relative, _ in walk.links]
+    return [os.fsdecode(relative) for relative in sorted(found)]
+
+
 def _file_digests(
     files: list[tuple[bytes, str, _Stat | None]], cache: HashCache | None
 ) -> tuple[list[_Stat], list[bytes]]:
@@ -350,6 +381,10 @@ def _framed(data: bytes) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
+# Each .gitignore met on the way down: (length of its folder's relative path in bytes, its rules).
+_Ignores = tuple[tuple[int, gitignore.IgnoreFile], ...]
+
+
 class _Walk:
     """The files (relative path, full path, lstat identity or None) and symlinks found below a folder."""
 
@@ -369,7 +404,7 @@ class _Walk:
         self.files: list[tuple[bytes, str, _Stat | None]] = []
         self.links: list[tuple[bytes, str]] = []
 
-    def folder(self, folder: str, prefix: str) -> None:
+    def folder(self, folder: str, prefix: str, ignores: _Ignores = ()) -> None:
         try:
             with os.scandir(folder) as listing:
                 entries = list(listing)
@@ -377,6 +412,14 @@ class _Walk:
             raise HashError(f"cannot list {folder}: {error.strerror or error}") from None
         match, files, with_stats = self.match, self.files, self.with_stats
         match_path = self.match_path if prefix else None
+        prefix_bytes = prefix.encode(_FS_ENCODING, _FS_ERRORS)
+        for entry in entries:
+            if entry.name == _GITIGNORE:
+                if match(_GITIGNORE) is None and (match_path is None or match_path(prefix + _GITIGNORE) is None):
+                    rules = _read_gitignore(entry)
+                    if rules:
+                        ignores = (*ignores, (len(prefix_bytes), rules))
+                break
         store_files: list[str] = []
         subfolders: list[tuple[os.DirEntry[str], str]] = []
         special = None
@@ -391,13 +434,18 @@ class _Walk:
                 relative = prefix + name
                 if match_path is not None and match_path(relative) is not None:
                     continue
+                if not prefix and name in TOP_LEVEL_IGNORE and entry.is_dir(follow_symlinks=False):
+                    continue
+                name_bytes = name.encode(_FS_ENCODING, _FS_ERRORS)
+                if ignores and _git_ignores(ignores, name_bytes, prefix_bytes + name_bytes, entry):
+                    continue
                 if entry.is_file(follow_symlinks=False):
                     identity = _identity(entry.stat(follow_symlinks=False)) if with_stats else None
-                    files.append((relative.encode(_FS_ENCODING, _FS_ERRORS), entry.path, identity))
+                    files.append((prefix_bytes + name_bytes, entry.path, identity))
                 elif entry.is_dir(follow_symlinks=False):
                     subfolders.append((entry, relative))
                 elif entry.is_symlink():
-                    self.links.append((relative.encode(_FS_ENCODING, _FS_ERRORS), entry.path))
+                    self.links.append((prefix_bytes + name_bytes, entry.path))
                 elif special is None:
                     special = entry.path
             except OSError as error:
@@ -416,7 +464,7 @@ class _Walk:
             raise HashError(f"cannot hash {special}: not a regular file, folder or symlink")
         for entry, relative in subfolders:
             if not self._is_excluded(entry):
-                self.folder(entry.path, relative + "/")
+                self.folder(entry.path, relative + "/", ignores)
 
     def _is_excluded(self, entry: os.DirEntry[str]) -> bool:
         identities, real_paths = self.excluded
@@ -440,6 +488,47 @@ def _matchers(patterns: tuple[str, ...]) -> tuple[Callable[[str], object], Calla
     by_path = [p for p in patterns if "/" in p or any(c in p.removeprefix("*") for c in "*?[")]
     match = re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
     return match, re.compile("|".join(fnmatch.translate(p) for p in by_path)).match if by_path else None
+
+
+_GITIGNORE = ".gitignore"
+
+
+def _git_ignores(ignores: _Ignores, name: bytes, relative: bytes, entry: os.DirEntry[str]) -> bool:
+    """Whether the ``.gitignore`` files on the way down leave the entry out: the deepest one that has a say decides."""
+    is_dir = entry.is_dir(follow_symlinks=False)  # a symlink to a folder is not a folder, as for git
+    for offset, rules in reversed(ignores):
+        verdict = rules.verdict(name, relative[offset:], is_dir)
+        if verdict is not None:
+            return verdict
+    return False
+
+
+def _read_gitignore(entry: os.DirEntry[str]) -> gitignore.IgnoreFile | None:
+    """The rules of a ``.gitignore`` that is a regular file (not a symlink), or ``None``.
+
+    One too big to be a list of patterns (more than :data:`gitignore.MAX_BYTES`) is not read:
+    its rules do not apply, as git does past its own limit, and it is hashed like any file.
+    """
+    if not entry.is_file(follow_symlinks=False):
+        return None
+    try:
+        fd = os.open(entry.path, _OPEN_FLAGS)
+    except OSError as error:
+        raise HashError(f"cannot read {entry.path}: {error.strerror or error}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > gitignore.MAX_BYTES:
+            return None
+        data = os.read(fd, gitignore.MAX_BYTES + 1)
+        while len(data) <= gitignore.MAX_BYTES and (more := os.read(fd, gitignore.MAX_BYTES + 1 - len(data))):
+            data += more
+    except OSError as error:
+        raise HashError(f"cannot read {entry.path}: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if len(data) > gitignore.MAX_BYTES:
+        return None  # grew while it was read
+    return gitignore.parse(data)
 
 
 def _excluded(exclude: Iterable[str | os.PathLike[str]]) -> tuple[set[tuple[int, int]], set[str]]:

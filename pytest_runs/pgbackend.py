@@ -51,7 +51,7 @@ import select
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,7 @@ from .settings import mask_url
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["SCHEMA_VERSION", "PgBackend", "is_database_url", "mask", "store_lock_key"]
+__all__ = ["SCHEMA_VERSION", "PgBackend", "is_database_url", "mask", "parse_url", "store_lock_key"]
 
 #: The schema this version creates, and the newest it uses.
 SCHEMA_VERSION = 1
@@ -101,16 +101,79 @@ def mask(url: str) -> str:
     return mask_url(url)
 
 
-def _split_schema(url: str) -> tuple[str, str]:
-    """The libpq URL without our ``schema`` parameter, and the schema."""
-    parts = urllib.parse.urlsplit(url)
+# libpq's options that take one of a few words, and those that take whole numbers (port: one per host).
+_WORDS = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+    "load_balance_hosts": ("disable", "random"),
+    "sslnegotiation": ("postgres", "direct"),
+    "sslcertmode": ("disable", "allow", "require"),
+}
+_NUMBERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count")
+_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def parse_url(url: str, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The libpq URL without our ``schema`` parameter, and the schema; checked without connecting.
+
+    Raises :class:`ValueError`, one line with the password masked, for a URL that is the user's
+    mistake: one that cannot be parsed (by ``urllib`` or, when psycopg is installed, by libpq's
+    own parser: unknown parameters, bad percent-encoding, a port that is no number), a schema that
+    is no lower-case SQL name, a libpq option whose value libpq refuses (``sslmode=bogus``), and
+    one that names no database (no ``/DATABASE``, ``dbname``, ``service``, ``$PGDATABASE`` or
+    ``$PGSERVICE``: libpq would pick one after the user's name).
+    """
+    where = mask(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # a bad port or address
+    except ValueError as error:
+        raise ValueError(f"store {where} is not a valid URL: {error}") from None
+    if parts.fragment or url.endswith("#"):
+        raise ValueError(f"store {where} is not a valid URL: '#' must be percent-encoded (%23)")
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     schemas = [value for key, value in query if key == "schema"]
     schema = schemas[-1] if schemas else DEFAULT_SCHEMA
     if not _SCHEMA_NAME.match(schema):
-        raise StateError(f"store {mask(url)}: schema {schema!r} must be a lower-case SQL name (letters, digits, _)")
+        raise ValueError(f"store {where}: schema {schema!r} must be a lower-case SQL name (letters, digits, _)")
     rest = urllib.parse.urlencode([(key, value) for key, value in query if key != "schema"])
-    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+    # Not urlunsplit, which turns "postgresql://" into "postgresql:", a string libpq cannot read.
+    conninfo = url.partition("?")[0] + (f"?{rest}" if rest else "")
+    options = _libpq_options(conninfo, where)
+    if options is None:  # no psycopg (it says so when the store is opened): what urllib sees
+        options = {key: value for key, value in query if key != "schema"}
+        options.setdefault("dbname", urllib.parse.unquote(parts.path.removeprefix("/")))
+    for key, words in _WORDS.items():
+        if key in options and options[key] not in words:
+            raise ValueError(f"store {where}: {key} must be one of {', '.join(words)}, not {options[key]!r}")
+    for key in _NUMBERS:
+        if key in options and not _NUMBER.fullmatch(options[key]):
+            raise ValueError(f"store {where}: {key} must be a whole number, not {options[key]!r}")
+    for port in options.get("port", "").split(","):
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"store {where}: port must be a number from 1 to 65535, not {port!r}")
+    named = options.get("dbname") or options.get("service") or environ.get("PGDATABASE") or environ.get("PGSERVICE")
+    if not named:
+        raise ValueError(
+            f"store {where} names no database: add it to the URL (postgresql://HOST/DATABASE) or set PGDATABASE"
+        )
+    return conninfo, schema
+
+
+def _libpq_options(conninfo: str, where: str) -> dict[str, str] | None:
+    """The options libpq's own parser reads in ``conninfo`` (no connection); ``None`` without psycopg."""
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return None
+    try:
+        return {key: str(value) for key, value in conninfo_to_dict(conninfo).items() if value is not None}
+    except ProgrammingError as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"store {where} is not a valid URL: {detail}") from None
 
 
 def _driver() -> Any:
@@ -168,12 +231,11 @@ class PgBackend:
         self.url = url
         self.location = mask(url)
         try:
-            _ = urllib.parse.urlsplit(url).port
+            self.conninfo, self.schema = parse_url(url)
         except ValueError as error:
-            raise StateError(f"store {self.location} is not a valid URL: {error}") from None
+            raise StateError(str(error)) from None
         self.wakes_on_change = True
         self.lock_timeout = lock_timeout
-        self.conninfo, self.schema = _split_schema(url)
         self._psycopg = _driver()
         self._conn: psycopg.Connection[Any] | None = None
         self._mutex = threading.Lock()

@@ -103,6 +103,9 @@ class TrackedSession:
         self._beat_failing = False
         self._end_tried = False
         self._interrupt_reason = ""
+        self._final_line: _FinalLineClock | None = None
+        #: The tests started and not finished (several with xdist), in the order they started.
+        self._running: dict[str, None] = {}
 
     # -- session start ----------------------------------------------------------------
 
@@ -113,6 +116,7 @@ class TrackedSession:
         # heartbeat and the watchdog can speak at once even while a test's output is captured.
         self._say_fd = os.dup(2)
         self._teardown.callback(self._close_say_fd)
+        self._final_line = _FinalLineClock.register(self.config)
         self.stopper.install()
         self._teardown.callback(self.stopper.uninstall)
         self._teardown.callback(self.stopper.disarm)
@@ -492,6 +496,12 @@ class TrackedSession:
         item.session.shouldstop = request.reason
         return True
 
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self._running[nodeid] = None
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        self._running.pop(nodeid, None)
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.run is None:
             return
@@ -528,12 +538,20 @@ class TrackedSession:
 
     # -- session finish ---------------------------------------------------------------
 
-    # Last, so that xdist has stopped its workers before the machine is given back.
-    @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+    # Around every other plugin's end of session, so that xdist has stopped its workers before the
+    # machine is given back, and pytest's final line ("in 1.48s") is written: the duration recorded
+    # is the one it shows, whatever the other plugins do at the end.
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> Generator[None, object, object]:
         if os.getpid() != self.owner.pid:
-            return  # a child a test forked, run on into pytest's shutdown: the run is not its own
+            return (yield)  # a child a test forked, run on into pytest's shutdown: the run is not its own
         self.stopper.ending()
+        try:
+            return (yield)
+        finally:
+            self._session_finished(session, exitstatus)
+
+    def _session_finished(self, session: pytest.Session, exitstatus: int) -> None:
         status = int(exitstatus)
         request = self.stopper.request
         if request is not None and request.kind is StopKind.LOST:
@@ -636,10 +654,16 @@ class TrackedSession:
             number, _, word = part.partition(" ")
             if number.isdigit():
                 counts[word] = int(number)
+        exitstatus = getattr(self.session, "exitstatus", None)
+        if self.stopper.request is not None or exitstatus == pytest.ExitCode.INTERRUPTED:
+            text = _interrupted(list(self._running), "" if text == "no tests ran" else text)
         duration = time.monotonic() - self._started
-        session_start = getattr(reporter, "_session_start", None)  # what pytest's final line measures
-        with contextlib.suppress(Exception):
-            duration = float(session_start.elapsed().seconds) if session_start is not None else duration
+        if self._final_line is not None and self._final_line.seconds is not None:
+            duration = self._final_line.seconds  # what pytest's final line said
+        else:
+            session_start = getattr(reporter, "_session_start", None)  # what pytest's final line measures
+            with contextlib.suppress(Exception):
+                duration = float(session_start.elapsed().seconds) if session_start is not None else duration
         return {"text": text, "counts": counts, "duration": round(duration, 3)}
 
     def _record_end(
@@ -736,6 +760,36 @@ class TrackedSession:
         )
 
 
+class _FinalLineClock:
+    """pytest's own session duration, read when its final line ("1 passed in 1.48s") has been written.
+
+    It is registered after the terminal reporter, so its wrapper of ``pytest_sessionfinish`` is
+    just around the reporter's (which writes that line after every other plugin's end of session)
+    and reads the clock that line shows.
+    """
+
+    def __init__(self, reporter: Any) -> None:
+        self._reporter = reporter
+        self.seconds: float | None = None
+
+    @classmethod
+    def register(cls, config: pytest.Config) -> _FinalLineClock | None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return None
+        clock = cls(reporter)
+        config.pluginmanager.register(clock, "pytest-runs-final-line-clock")
+        return clock
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self) -> Generator[None, object, object]:
+        try:
+            return (yield)
+        finally:
+            with contextlib.suppress(Exception):  # a reporter that differs: the session's own clock then
+                self.seconds = float(self._reporter._session_start.elapsed().seconds)
+
+
 class Heartbeat:
     """Calls ``beat`` every ``interval`` seconds on its own thread until it returns False or the context exits."""
 
@@ -800,6 +854,14 @@ def _outcome_word(report: pytest.TestReport) -> str:
     if report.failed:
         return "failed" if report.when == "call" else "error"
     return "skipped" if report.skipped else "passed"
+
+
+def _interrupted(running: list[str], done: str) -> str:
+    """What an interrupted session was doing: ``interrupted during t.py::test_slow after 1 passed``."""
+    if not running:
+        return f"interrupted after {done}" if done else "interrupted before any test ran"
+    during = ", ".join(running[:3]) + (f" and {len(running) - 3} more" if len(running) > 3 else "")
+    return f"interrupted during {during} " + (f"after {done}" if done else "before any test had finished")
 
 
 def _summary(counts: Counter[str]) -> str:

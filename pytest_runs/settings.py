@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,16 +87,17 @@ def split_store(given: str | None) -> tuple[str | None, Path | None]:
     """A store setting as ``(database URL, None)``, ``(None, folder)`` or ``(None, None)`` when unset.
 
     ``postgresql://`` and ``postgres://`` select the database; ``file:PATH`` (or
-    ``file://PATH``) and a plain path select the JSON files in that folder.
+    ``file://PATH``) and a plain path select the JSON files in that folder. Raises
+    :class:`ValueError` (one line) for a setting that is the user's mistake: an unknown kind, or a
+    database URL that cannot be parsed or names no database (see :func:`pgbackend.parse_url`);
+    whether the database can be reached is only found when the store is opened.
     """
     if not given:
         return None, None
     if given.startswith(("postgresql://", "postgres://")):
-        try:
-            parts = urllib.parse.urlsplit(given)
-            _ = parts.port  # a bad port or address is found here, not deep inside a session
-        except ValueError as error:
-            raise ValueError(f"store {mask_url(given)} is not a valid URL: {error}") from None
+        from .pgbackend import parse_url
+
+        parse_url(given)  # a URL that is the user's mistake is found here, not deep inside a session
         return given, None
     if given.startswith("file:"):
         path = given.removeprefix("file:")
