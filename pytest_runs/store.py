@@ -449,13 +449,7 @@ class Store:
             changes.setdefault("started_at", now)
             _apply(run, status=Status.RUNNING, **changes)
 
-        with self._transaction() as tx:
-            run = _found(tx.get(run_id), run_id)
-            claim(run, tx.now())
-            tx.replace(run)
-            if run.owner_token:
-                self._claimed(tx, run)
-            return run
+        return self._modify(run_id, claim, then=self._claimed)
 
     def finish(
         self,
@@ -685,7 +679,15 @@ class Store:
         tx.add(run)
         return run.id
 
-    def _modify(self, run_id: str, change: Callable[[Run, datetime], None], *, durable: bool = True) -> Run:
+    def _modify(
+        self,
+        run_id: str,
+        change: Callable[[Run, datetime], None],
+        *,
+        durable: bool = True,
+        then: Callable[[Transaction, Run], None] | None = None,
+    ) -> Run:
+        """Apply ``change`` to one run (and ``then`` in the same transaction), retried if the connection closed."""
         attempts = 0
         while True:
             attempts += 1
@@ -697,6 +699,8 @@ class Store:
                     tx.replace(run)
                     if run.status.is_terminal and not was_terminal:
                         self._ended(tx, run.machine)
+                    if then is not None:
+                        then(tx, run)
                     return run
             except _Done as done:
                 return done.run
@@ -765,6 +769,8 @@ class Store:
 
     def _claimed(self, tx: Transaction, run: Run) -> None:
         """``run`` was claimed: its session leaves the line, and gives up any other machine handed to it."""
+        if not run.owner_token:
+            return
         tx.remove_waiter(run.owner_token)
         for other in tx.active():
             if other.id != run.id and other.owner_token == run.owner_token and other.status is Status.PENDING:
