@@ -190,20 +190,40 @@ class FileBackend:
         # Never removed or replaced: the lock file keeps its inode for ever.
         self._file_lock = StoreLock(self.lock_path)
         self.boot_id = boot_id()
+        #: The holder token whose free liveness lock last woke :meth:`wait_for_change`.
+        self._found_dead: str | None = None
 
     def wait_for_change(self, holder: Run, timeout: float) -> bool:
-        """Return once a commit changed the state (a slot was written), or after ``timeout`` seconds.
+        """Return once a commit changed the state (a slot was written) or ``holder``'s owner died, or after ``timeout``.
 
         Looks at the two slots' ``stat`` every 50 ms: a few syscalls, no lock taken, so a
-        waiter starts within about 50 ms of the machine being handed to it.
+        waiter starts within about 50 ms of the machine being handed to it. A holder killed
+        outright writes no slot: while its owner runs on this kernel, the same loop also asks
+        its liveness lock (:func:`pytest_runs.liveness.probe`, a lock query that takes
+        nothing), so the next look finds it stale within about 50 ms too. A lock found free
+        wakes the caller once per holder: should the next look not judge it stale (it has no
+        other way to), the wait goes on by the slots alone rather than spinning.
         """
         deadline = time.monotonic() + max(0.0, timeout)
         seen = self._slot_stamps()
+        token = holder.owner_token if liveness.observable(holder, self.boot_id) else None
+        if token is not None and token == self._found_dead:
+            token = None
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(_CHANGE_POLL_SECONDS, left))
             if self._slot_stamps() != seen:
                 return True
+            if token is not None and not self._owner_alive(token):
+                self._found_dead = token
+                return True
         return False
+
+    def _owner_alive(self, token: str) -> bool:
+        """False only when the liveness lock of ``token`` is there and free; what cannot be asked counts as alive."""
+        try:
+            return liveness.probe(self.state_dir, token) is not False
+        except OSError:
+            return True  # not this user's to ask, or the file system cannot tell: the slots and the lease decide
 
     def _slot_stamps(self) -> tuple[tuple[int, int, int], ...]:
         stamps = []

@@ -351,6 +351,26 @@ def test_sessions_are_served_in_the_order_they_came(
     assert [span[0] for span in spans_of(spans)] == names
 
 
+def test_a_killed_holders_machine_goes_to_its_waiter_well_before_the_next_look(
+    tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
+) -> None:
+    """A holder SIGKILLed writes nothing to the store: its waiter learns it from the holder's lock, not 10 s later."""
+    holder = holding_session(tmp_path, url, sessions)
+    spans = tmp_path / "spans.jsonl"
+    waiter = waiting_session("w", tmp_path, url, spans)
+    sessions.append(waiter)
+    in_line(store, 1, waiter)
+    time.sleep(1.0)  # the waiter has looked and waits for a change (its next look is 10 s after the first)
+    holder.signal_group(signal.SIGKILL)
+    killed = time.time()
+    holder.process.wait(timeout=30)
+    code, output = waiter.finish()
+    assert code == 0, output
+    ((name, _, started, _),) = spans_of(spans)
+    assert name == "w"
+    assert started - killed < 4.0, f"the waiter started {started - killed:.1f}s after its holder was killed"
+
+
 def test_priority_jumps_the_line_and_a_killed_waiter_blocks_nobody(
     tmp_path: Path, url: str | None, store: Store, sessions: list[Session]
 ) -> None:
