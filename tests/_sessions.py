@@ -48,6 +48,16 @@ PYTEST = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hy
 _IN_NAMESPACE = 'if [ -n "$1" ]; then hostname "$1" || exit 111; fi; shift; "$@"; exit $?'
 
 
+def sigint_at_default() -> None:
+    """The ``preexec_fn`` of every child session the tests start: SIGINT at its default.
+
+    A background job of a non-interactive shell (``pytest -n 2 &``) starts with SIGINT
+    ignored, and a child inherits that through ``exec``; a session started so would sit
+    out the SIGINT a test sends it. With this the suite passes however it is started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_project(folder: Path, source: str = HOLD) -> Path:
     """A test folder of its own: its ini file makes it the identity of its runs, its name makes its hash its own."""
     folder.mkdir(parents=True)
@@ -178,6 +188,7 @@ def start(
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,
+            preexec_fn=sigint_at_default,
         )
     return Session(name, process, out, err, started, release)
 

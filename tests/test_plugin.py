@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _sessions import sigint_at_default
 from terminal import run_on_a_terminal
 
 from pytest_runs import PrepareOutcome, Run, Status, Store
@@ -567,6 +568,7 @@ def start_slow_session(pytester: pytest.Pytester, tmp_path: Path, *args: str) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_at_default,
     )
     deadline = time.monotonic() + 60
     while not marker.exists():

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _sessions import sigint_at_default
 
 from pytest_runs import Status, Store
 from pytest_runs.plugin import EXIT_BUSY
@@ -37,6 +38,7 @@ def launch(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=sigint_at_default,
         )
         for _ in range(count)
     ]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _sessions import sigint_at_default
 
 from pytest_runs import Run, Status, Store
 
@@ -68,6 +69,7 @@ def spawn() -> Iterator[Spawn]:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            preexec_fn=sigint_at_default,
         )
         started.append(process)
         return process

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import racers
+from _sessions import sigint_at_default
 
 from pytest_runs import InvalidTransition, PrepareOutcome, Run, RunEnded, StateError, Status, Store
 from pytest_runs.options import EXIT_MACHINE_LOST
@@ -158,6 +159,7 @@ def session(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_at_default,
     )
     return process, marker, release
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _sessions import sigint_at_default
 
 from pytest_runs import Run, Status, Store
 
@@ -87,6 +88,7 @@ def start(folder: Path, state: Path, marker: Path, *, env: dict[str, str] | None
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_at_default,
     )
 
 
@@ -204,3 +206,30 @@ def test_the_recorded_duration_is_the_one_pytest_shows(pytester: pytest.Pytester
     assert shown - 0.01 <= recorded < shown + SLEEPS / 3, (recorded, shown)
     if where != "sessionfinish-outer-wrapper":
         assert recorded >= SLEEPS
+
+
+# -- the signal tests under a runner that ignores SIGINT ---------------------------------------
+
+#: The tests that interrupt a child session with SIGINT, one per way the tests start one.
+SIGINT_TESTS = (
+    "tests/test_session_end.py::test_an_interrupted_summary_says_what_was_running",
+    "tests/test_plugin.py::test_signal_mid_session_ends_the_run_interrupted[files-2-SIGINT]",
+    "tests/test_regressions.py::test_case8_a_repeated_interrupt_is_recorded_interrupted_never_completed[two-sigint]",
+)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_the_sigint_tests_pass_when_the_runner_ignores_sigint(tmp_path: Path) -> None:
+    """``pytest -n 2 &`` in a script starts the runner with SIGINT ignored: its child sessions must not inherit that."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
+    runner = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-x", "-q",
+         f"--basetemp={tmp_path / 'runner'}", *SIGINT_TESTS],
+        cwd=root, env=env, preexec_fn=_ignore_sigint, capture_output=True, text=True, timeout=4 * BOUND,
+    )  # fmt: skip
+    assert runner.returncode == 0, runner.stdout + runner.stderr
+    assert f"{len(SIGINT_TESTS)} passed" in runner.stdout, runner.stdout
