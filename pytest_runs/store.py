@@ -647,7 +647,7 @@ class Store:
 
         True when something changed (look again), False when ``timeout`` passed quietly.
         The database backend is woken when a run ends or ``holder``'s owner lets go or dies;
-        the file backend notices any commit within 50 ms.
+        the file backend notices any commit, or ``holder``'s owner dying on this kernel, within 50 ms.
         """
         return self.backend.wait_for_change(holder, timeout)
 
