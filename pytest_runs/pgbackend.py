@@ -565,7 +565,12 @@ class PgOwnerLock:
             raise self.backend.unreachable(error) from None
         _live_locks.add(self)
 
-    def still_held(self) -> bool:
+    def fileno(self) -> int | None:
+        """The socket of the connection that holds the lock (to watch: it turns readable as it closes), or None."""
+        conn = self._conn
+        return None if conn is None or conn.closed else conn.fileno()
+
+    def still_held(self, *, take_back: bool = True) -> bool:
         if os.getpid() != self._pid:
             return False
         with self._guard:
@@ -580,6 +585,8 @@ class PgOwnerLock:
                         return True
             except self.backend._psycopg.Error:
                 pass
+            if not take_back:
+                return False
             # Lost with its connection: take it again if nobody has (a reclaim shows in the run).
             self._close()
             try:
