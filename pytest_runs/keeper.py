@@ -19,9 +19,10 @@ the session's machine lives here, not in the session's process:
 - **The deadline and the grace.** At ``--runs-timeout`` it asks the session to stop; once a
   stop is asked for (by the deadline, a lost machine, or a signal the session received), it
   waits the grace, then asks the session to end itself at once; a session that still does
-  not end within :data:`FORCE_WINDOW` (stuck in C with the GIL, say) is SIGKILLed with its
-  descendants, and the keeper records the end (``timeout`` or ``interrupted``, exit code
-  137, as a shell reports a SIGKILL) before it lets go of the lock: never ``completed``.
+  not end within :data:`FORCE_WINDOW` (stuck in C with the GIL, say) is stopped (SIGSTOP)
+  with its descendants, its end recorded (``timeout`` or ``interrupted``, exit code 137,
+  as a shell reports a SIGKILL; never ``completed``), then it is SIGKILLed, and the keeper
+  lets go of the lock once it is gone.
 
 The keeper ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT (it shares the session's process
 group, so that Ctrl-Z and ``kill -STOP`` of the group stop it too, but a Ctrl-C is the
@@ -403,12 +404,20 @@ class Keeper:
         self.let_go_of_lock(remove_file=False)
 
     def kill_session(self) -> None:
-        """The session did not end when asked after its grace: kill it and its descendants, then record its end."""
+        """The session did not end when asked after its grace: stop it and its descendants, record its end, kill them.
+
+        Stopped first, so that nothing of the session runs a test while its end is recorded,
+        and the end is on record when the session's exit is seen.
+        """
         from .stopper import descendants
 
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGSTOP)  # it forks no more while we look
         doomed = [pid for pid in descendants(self.session_pid) if pid != os.getpid()]
+        for pid in doomed:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        recorded = not self.let_go and self.record_forced_end()
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         for pid in doomed:
@@ -416,7 +425,6 @@ class Keeper:
                 os.kill(pid, signal.SIGKILL)
         _wait_gone([self.pidfd], _WORKER_WAIT)
         self.kill_workers()
-        recorded = not self.let_go and self.record_forced_end()
         self.let_go_of_lock(remove_file=recorded)
 
     def record_forced_end(self) -> bool:

@@ -244,13 +244,19 @@ class KeeperClient:
         self._on_event = None
 
     def dispatch(self) -> None:
-        """Hand every event waiting to ``on_event``."""
+        """Hand every event waiting to ``on_event``.
+
+        A stop that ``on_event`` asks for may interrupt the main thread right there (a
+        ``KeyboardInterrupt``): the events after it do not matter any more, the first stop wins.
+        """
+        __tracebackhide__ = True
         if self._on_event is None:
             return
         for event in self.events():
             self._on_event(event)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        __tracebackhide__ = True  # pytest shows where the test was interrupted, not this handler
         if os.getpid() != self._pid:
             return
         previous = self._previous.get(signum)

@@ -371,10 +371,12 @@ class TrackedSession:
         self._teardown.enter_context(_environment_variable(name, value))
 
     def _on_deadline(self, reason: str) -> None:
+        __tracebackhide__ = True
         self.stopper.stop(StopKind.TIMEOUT, reason, EXIT_INTERRUPTED)
 
     def _on_keeper_event(self, event: dict[str, Any]) -> None:
         """News from the keeper, on the main thread (a signal handler, or before a test)."""
+        __tracebackhide__ = True
         op = event.get("op")
         if op == "lost":
             self._lose_machine(str(event.get("reason")))
@@ -396,12 +398,15 @@ class TrackedSession:
         return {self.keeper.process.pid} if self.keeper is not None else set()
 
     def _lose_machine(self, reason: str) -> None:
+        __tracebackhide__ = True
         machine = self.run.machine if self.run is not None else self.settings.machine
-        if self.stopper.stop(StopKind.LOST, f"lost machine {machine}: {reason}", EXIT_MACHINE_LOST):
-            self._say(
-                f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; "
-                f"stopping, exit status {EXIT_MACHINE_LOST}"
-            )
+        if self.stopper.request is not None:
+            return  # stopping already: the first stop wins
+        # Said before the stop, which may interrupt this very thread.
+        self._say(
+            f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; stopping, exit status {EXIT_MACHINE_LOST}"
+        )
+        self.stopper.stop(StopKind.LOST, f"lost machine {machine}: {reason}", EXIT_MACHINE_LOST)
 
     def _say(self, line: str) -> None:
         fd = self._say_fd.fileno() if self._say_fd is not None else None

@@ -108,6 +108,7 @@ class Stopper:
 
         Returns ``False`` (and changes nothing) if a stop was already requested.
         """
+        __tracebackhide__ = True
         if not self._record(StopRequest(kind, reason, exit_status)):
             return False
         self._interrupt_main()
@@ -165,6 +166,7 @@ class Stopper:
             self._end_for_certain()
 
     def _interrupt_main(self) -> None:
+        __tracebackhide__ = True
         if not self._previous or self._main_ident is None:
             # No handler of ours to receive it (not installed from the main thread): the
             # watchdog alone ends the session.
