@@ -309,7 +309,7 @@ class Keeper:
             self.pending.clear()
             return
         with connection:
-            if self.let_go or not _is_descendant(pid, self.session_pid):
+            if not _is_descendant(pid, self.session_pid):
                 with contextlib.suppress(OSError):
                     connection.sendall(b'{"op": "refused"}\n')
                 return
@@ -334,6 +334,11 @@ class Keeper:
 
     def check_liveness_connection(self) -> None:
         """The database connection that holds the lock has something to read: it is closing, or it is news."""
+        if self.run_id is None:
+            # Still waiting: no run of ours is running; take the lock back if it is free (the
+            # session asks before each look and each claim, and runs no test without it).
+            self.lock.still_held()
+            return
         if self.lock.still_held(take_back=False):
             return
         self.lose("its liveness connection to the database was closed; another session may take the machine")

@@ -380,5 +380,5 @@ def register_worker(info: dict[str, Any]) -> str | None:
     finally:
         sock.close()
     if b'"registered"' not in answer:
-        return "the session's keeper refused this worker (the session is ending or gone)"
+        return "the session's keeper refused this worker (it is not a process of the session)"
     return None
