@@ -64,6 +64,29 @@ def _say(line: str) -> None:
         os.write(2, f"\n{line}\n".encode(errors="backslashreplace"))
 
 
+#: tgkill's system call number, by machine (Python has no tgkill of its own).
+_SYS_TGKILL = {"x86_64": 234, "aarch64": 131, "riscv64": 131, "ppc64le": 250, "s390x": 241}
+
+
+def _signal_main_thread(pidfd: int, pid: int) -> None:
+    """Send :data:`NOTIFY_SIGNAL` to the session's main thread (its thread ID is its PID).
+
+    Sent to the process, the kernel may deliver it to any thread (xdist's controller has
+    execnet's), and the main thread, asleep in a wait with a timeout, would run the handler
+    only when that wait ends. Where tgkill is unknown, or the session is gone, the process.
+    """
+    import ctypes
+    import platform
+
+    number = _SYS_TGKILL.get(platform.machine())
+    if number is not None and not select.select([pidfd], [], [], 0)[0]:
+        with contextlib.suppress(OSError, AttributeError):
+            if ctypes.CDLL(None, use_errno=True).syscall(number, pid, pid, NOTIFY_SIGNAL) == 0:
+                return
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, NOTIFY_SIGNAL)
+
+
 def _is_descendant(pid: int, ancestor: int) -> bool:
     from .owner import proc_stat
 
@@ -149,8 +172,7 @@ class Keeper:
             self.pending.append(message)
         else:
             self.send(message)
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(self.pidfd, NOTIFY_SIGNAL)
+        _signal_main_thread(self.pidfd, self.session_pid)
 
     def _lose_control(self) -> None:
         # The session closed its end (a test that closed every descriptor): it may connect again.

@@ -309,7 +309,7 @@ class KeeperClient:
     def _drain(self, timeout: float) -> dict[str, Any] | None:
         """Read what the keeper sent (waiting up to ``timeout`` for something); return a reply, keep events."""
         channel = self._fd_channel()
-        reply = None
+        reply: dict[str, Any] | None = None
         fd = channel.sock.fileno()
         wait = timeout
         while True:
@@ -317,7 +317,7 @@ class KeeperClient:
             channel.buffer = lines.pop()
             for line in lines:
                 with contextlib.suppress(ValueError):
-                    message = json.loads(line)
+                    message: dict[str, Any] = json.loads(line)
                     if message.get("op") in ("lost", "timeout", "force"):
                         self._events.append(message)
                     else:

@@ -36,9 +36,9 @@ import pytest
 from _pytest._io import TerminalWriter
 
 from .backend import OwnerLock
-from .fds import OwnedFd
 from .display import describe_holder, format_duration, held_for
 from .errors import StoreUnreachable
+from .fds import OwnedFd
 from .hashing import HashError, hash_test_dir
 from .keeper_client import WORKER_KEEPER, KeeperClient
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
@@ -404,7 +404,8 @@ class TrackedSession:
             return  # stopping already: the first stop wins
         # Said before the stop, which may interrupt this very thread.
         self._say(
-            f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; stopping, exit status {EXIT_MACHINE_LOST}"
+            f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; "
+            f"stopping, exit status {EXIT_MACHINE_LOST}"
         )
         self.stopper.stop(StopKind.LOST, f"lost machine {machine}: {reason}", EXIT_MACHINE_LOST)
 

@@ -111,14 +111,15 @@ class Stopper:
         __tracebackhide__ = True
         if not self._record(StopRequest(kind, reason, exit_status)):
             return False
-        self._interrupt_main()
         # Nobody else signals them: stop the session's children too (xdist workers start no
-        # further test; a test's own subprocesses end with it).
+        # further test; a test's own subprocesses end with it). First: called on the main
+        # thread (a signal handler), the interrupt below raises right there.
         spared = self._spare()
         for child in children(os.getpid()):
             if child not in spared:
                 with contextlib.suppress(OSError):
                     os.kill(child, signal.SIGINT)
+        self._interrupt_main()
         return True
 
     def disarm(self) -> None:

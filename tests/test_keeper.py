@@ -8,6 +8,7 @@ its xdist workers never outlive it on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,10 +58,8 @@ def the_run(store: Store) -> Run:
 def kill_when_gone(pid_file: Path) -> None:
     """SIGKILL the process whose PID ``pid_file`` names, if there is one."""
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def alive(pid: int) -> bool:
@@ -208,9 +207,8 @@ def test_a_holder_whose_connections_are_terminated_stops_well_before_its_next_he
     from pytest_runs.stopper import descendants
 
     state = tmp_path / "state"
-    owner = start(
-        "owner", make_project(tmp_path / "a"), state, f"--runs-store={pg_url}", "--runs-heartbeat=30", "--runs-lease=120"
-    )
+    args = (f"--runs-store={pg_url}", "--runs-heartbeat=30", "--runs-lease=120")
+    owner = start("owner", make_project(tmp_path / "a"), state, *args)
     sessions.append(owner)
     wait_for(owner.started, owner)
     backends = holders_backends(pg_url, [owner.pid, *descendants(owner.pid)])
@@ -311,8 +309,8 @@ FORKS = """
 import os, pathlib, threading
 
 def test_forks():
-    threads = [line for line in pathlib.Path("/proc/self/status").read_text().splitlines() if line.startswith("Threads:")]
-    assert threads == ["Threads:\t1"], threading.enumerate()
+    status = pathlib.Path("/proc/self/status").read_text().splitlines()
+    assert [line for line in status if line.startswith("Threads:")] == ["Threads:\t1"], threading.enumerate()
     pid = os.fork()
     if pid == 0:
         os._exit(0)
@@ -347,7 +345,9 @@ def test_a_session_whose_keeper_is_killed_stops_as_a_lost_machine(
                     *backend)  # fmt: skip
     sessions.append(session)
     wait_for(session.started, session)
-    (keeper,) = (pid for pid in children(session.pid) if b"pytest_runs.keeper" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    (keeper,) = (
+        pid for pid in children(session.pid) if b"pytest_runs.keeper" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
     os.kill(keeper, signal.SIGKILL)
     code, output = session.finish(timeout=60)
     assert code == 76, output
