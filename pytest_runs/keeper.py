@@ -123,7 +123,10 @@ class Keeper:
         self.hello = self._read_hello()
         self.session_pid: int = self.hello["pid"]
         self.grace: float = self.hello["grace"]
-        self.pidfd = os.pidfd_open(self.session_pid)
+        try:
+            self.pidfd = os.pidfd_open(self.session_pid)
+        except OSError:
+            sys.exit(0)  # the session is gone already
         if os.getppid() != self.session_pid:
             sys.exit(0)  # the session died before we could watch it: nothing to keep
         self.store: Any = None
@@ -256,9 +259,7 @@ class Keeper:
             if self.force_at is not None and now >= self.force_at:
                 self.force_at = None
                 self.kill_at = now + FORCE_WINDOW
-                reason = self.stop["reason"] if self.stop else ""
-                _say(f"pytest-runs: the session did not stop within {self.grace:g}s ({reason}); ending it")
-                self.notify({"op": "force"})
+                self.notify({"op": "force"})  # the session says so itself, if it can
             if self.deadline is not None and now >= self.deadline:
                 self.deadline = None
                 reason = f"session passed its deadline (--runs-timeout={self.hello_timeout:g}s)"
@@ -273,6 +274,8 @@ class Keeper:
         op = message.get("op")
         if op == "held":
             self.send({"op": "held", "value": self.held()})
+        elif op == "ping":
+            self.send({"op": "pong"})
         elif op == "begin":
             from .owner import Owner
 
@@ -438,6 +441,11 @@ class Keeper:
         """
         from .stopper import descendants
 
+        reason = self.stop["reason"] if self.stop else "interrupted"
+        _say(
+            f"pytest-runs: the session did not stop within {self.grace:g}s ({reason}), nor end when told to; "
+            "killing it (SIGKILL)"
+        )
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGSTOP)  # it forks no more while we look
         doomed = [pid for pid in descendants(self.session_pid) if pid != os.getpid()]

@@ -233,6 +233,8 @@ class KeeperClient:
         self._on_event = on_event
         with contextlib.suppress(ValueError):  # not the main thread: events() before each test only
             for signum in (_NOTIFY, signal.SIGCHLD):
+                if signum == signal.SIGCHLD and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # children reaped by the kernel, as the user chose: asked before each test only
                 self._previous[signum] = signal.signal(signum, self._on_signal)
                 signal.siginterrupt(signum, False)  # a test's system calls are restarted, as without us
 
@@ -287,8 +289,12 @@ class KeeperClient:
         except OSError:
             sock.close()
             raise KeeperGone("the keeper does not answer at its address") from None
-        self._channel = _Channel(sock)
-        return self._channel
+        self._channel = channel = _Channel(sock)
+        # A round trip: the news the keeper kept while the channel was gone comes before its answer.
+        self._send({"op": "ping"})
+        if self._drain(_REPLY_TIMEOUT) is None:
+            raise KeeperGone("the keeper does not answer at its address")
+        return channel
 
     def _send(self, message: dict[str, Any]) -> None:
         channel = self._fd_channel()

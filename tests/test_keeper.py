@@ -252,7 +252,8 @@ def test_a_test_stuck_in_c_with_the_gil_is_ended_at_its_deadline_plus_grace(
     assert run.ended_at is not None and run.started_at is not None
     # Deadline 2 s, grace 1 s, half a second to end itself: a few seconds whatever the load.
     assert (run.ended_at - run.started_at).total_seconds() < 30
-    assert "the session did not stop within 1s" in session.output()
+    assert "the session did not stop within 1s (session passed its deadline" in session.output()
+    assert "killing it (SIGKILL)" in session.output()
 
 
 # -- point 9: a test that closes every descriptor ------------------------------------------

@@ -452,11 +452,14 @@ def test_a_session_interrupted_while_it_prepares_does_not_block_the_machine(
     pytester.makepyfile("def test_a(): pass\n")
     state_dir = tmp_path / "state"
     Store(state_dir).create(Run(machine="rig-0", test_dir_hash="h"))  # a store whose lock we can hold
-    blocker = subprocess.Popen(["flock", str(state_dir / "runs.lock"), "sleep", "3"], start_new_session=True)
+    blocker = subprocess.Popen(["flock", str(state_dir / "runs.lock"), "sleep", "5"], start_new_session=True)
     try:
         time.sleep(0.5)
         victim, _, _ = session(pytester, state_dir, tmp_path, "victim")
-        time.sleep(1.5)  # it waits for the store lock inside prepare; SIGTERM is held back until it returns
+        # Its keeper holds its liveness lock: it is in prepare now, however long pytest took to start.
+        while not list((state_dir / "owners").glob("*.lock")) and victim.poll() is None:
+            time.sleep(0.01)
+        time.sleep(0.5)  # it waits for the store lock inside prepare; SIGTERM is held back until it returns
         victim.send_signal(signal.SIGTERM)
         out, err = victim.communicate(timeout=60)
     finally:
