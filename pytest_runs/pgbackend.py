@@ -121,6 +121,7 @@ class PgBackend:
         self.conninfo, self.schema = _split_schema(url)
         self._psycopg = _driver()
         self._conn: psycopg.Connection[Any] | None = None
+        self._socket: tuple[int, int] | None = None  # what self._conn's descriptor named when it was opened
         self._mutex = threading.Lock()
         self._inside = threading.local()
         self._ready = False
@@ -145,13 +146,20 @@ class PgBackend:
         return StoreUnreachable(f"cannot reach the store {self.location}: {detail}")
 
     def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed and _socket_of(self._conn) != self._socket:
+            _abandoned.append(self._conn)  # closed under us (os.closerange): never close its number again
+            self._conn = None
         if self._conn is None or self._conn.closed:
             self._conn = self.connect()
+            self._socket = _socket_of(self._conn)
         return self._conn
 
     def close(self) -> None:
         """Close this backend's connections (a new one is opened on the next call)."""
         self.stop_waiting()
+        if self._conn is not None and not self._conn.closed and _socket_of(self._conn) != self._socket:
+            _abandoned.append(self._conn)
+            self._conn = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -628,6 +636,18 @@ class PgOwnerLock:
 
 
 _live_locks: set[PgOwnerLock] = set()
+# Connections whose descriptor a test closed (os.closerange), so that its number may now be
+# one of the test's files: kept, never closed (closing would close the test's file).
+_abandoned: list[Any] = []
+
+
+def _socket_of(conn: psycopg.Connection[Any]) -> tuple[int, int] | None:
+    """What ``conn``'s descriptor names (``st_dev``, ``st_ino``); ``None`` if it is closed or names nothing."""
+    try:
+        info = os.fstat(conn.fileno())
+    except Exception:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _forget_inherited_locks() -> None:

@@ -277,31 +277,34 @@ def test_closes_every_descriptor():
     KEPT.extend(open(os.devnull) for _ in range(20))
     pathlib.Path(os.environ["STARTED_MARKER"]).write_text("")
     if os.environ.get("RELEASE_IT"):
-        from pytest_runs import Store
-        store = Store(os.environ["PYTEST_RUNS_STATE_DIR"])
+        from pytest_runs.store import open_store
+        store = open_store(os.environ["PYTEST_RUNS_STATE_DIR"], os.environ.get("TEST_STORE_URL"))
         store.release(os.environ["PYTEST_RUNS_RUN_ID"], "taken while the test ran")
 """
 
 
 @pytest.mark.parametrize("released", [False, True], ids=["passes", "loses-its-machine"])
 def test_a_test_that_closes_every_descriptor_keeps_the_exit_status(
-    tmp_path: Path, sessions: list[Session], released: bool
+    tmp_path: Path, sessions: list[Session], released: bool, backend: tuple[str, ...]
 ) -> None:
     env = {"RELEASE_IT": "1"} if released else {}
+    if backend:
+        env["TEST_STORE_URL"] = backend[0].removeprefix("--runs-store=")
     session = start(
         "s", make_project(tmp_path / "a", CLOSES_EVERYTHING), tmp_path / "state", "--runs-heartbeat=600",
         "--runs-lease=900",
         # pytest's own fd capture, faulthandler and log file would fail untracked too once their
         # descriptors are closed: without them, an untracked session passes.
-        "--capture=sys", "-p", "no:faulthandler", "-p", "no:logging", env=env,
+        "--capture=sys", "-p", "no:faulthandler", "-p", "no:logging", *backend, env=env,
     )  # fmt: skip
     sessions.append(session)
     code, output = session.finish()
     assert code == (76 if released else 0), output
     assert "Bad file descriptor" not in output and "Traceback" not in output
     assert "closed under it" not in output
-    run = the_run(Store(tmp_path / "state"))
+    run = the_run(store_of(tmp_path, backend))
     assert run.status is (Status.INTERRUPTED if released else Status.COMPLETED), output
+    assert run.error_code == ("released" if released else ""), "the end was recorded, or the release kept"
 
 
 # -- point 11: a tracked session runs no thread that a forking test could see ---------------
