@@ -161,20 +161,21 @@ class Keeper:
         hello: dict[str, Any] = json.loads(line)
         return hello
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> bool:
+        """One line to the session; False if the channel is gone."""
         if self.control is None:
-            return
+            return False
         try:
             self.control.sendall(json.dumps(message).encode() + b"\n")
         except OSError:
             self._lose_control()
+            return False
+        return True
 
     def notify(self, message: dict[str, Any]) -> None:
         """An event for the session: on the channel (kept until it reconnects if the channel is gone), and a signal."""
-        if self.control is None:
+        if not self.send(message):
             self.pending.append(message)
-        else:
-            self.send(message)
         _signal_main_thread(self.pidfd, self.session_pid)
 
     def _lose_control(self) -> None:
