@@ -46,6 +46,7 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 #: Seconds a session has to end itself once the keeper asked it to (after the grace) before
@@ -129,7 +130,7 @@ class Keeper:
             sys.exit(0)  # the session is gone already
         if os.getppid() != self.session_pid:
             sys.exit(0)  # the session died before we could watch it: nothing to keep
-        self.store: Any = None
+        self._store: Any = None
         self.lock: Any = None
         self.listener: socket.socket | None = None
         self.workers: dict[int, int] = {}  # pid -> pidfd
@@ -207,14 +208,24 @@ class Keeper:
     def start(self) -> None:
         """Take the liveness lock and listen for workers; tell the session (``ready`` or ``error``)."""
         hello = self.hello
-        try:
-            from .errors import StateError, StoreUnreachable
-            from .store import open_store
+        from .errors import StateError, StoreUnreachable
 
-            self.store = open_store(
-                hello["state_dir"], hello["store_url"], lock_timeout=hello["lock_timeout"], keep=hello["keep"]
-            )
-            self.lock = self.store.liveness_lock()
+        try:
+            if hello["store_url"]:
+                from .pgbackend import PgBackend
+
+                self.lock = PgBackend(hello["store_url"], lock_timeout=hello["lock_timeout"]).liveness_lock()
+            else:
+                # Only what the lock needs (the session made the state dir): the store is
+                # imported at the first heartbeat, off the session's way to its first test.
+                from .liveness import LivenessLock
+
+                self.lock = LivenessLock(Path(hello["state_dir"]))
+                try:
+                    self.lock.acquire()
+                except OSError as error:
+                    detail = error.strerror or str(error)
+                    raise StateError(f"cannot take a liveness lock in {hello['state_dir']}: {detail}") from None
         except StoreUnreachable as error:
             self.send({"op": "error", "unreachable": True, "message": str(error)})
             sys.exit(0)
@@ -346,6 +357,18 @@ class Keeper:
             with contextlib.suppress(OSError):
                 connection.sendall(b'{"op": "registered"}\n')
 
+    @property
+    def store(self) -> Any:
+        """The keeper's own store on the session's location, opened at first use."""
+        if self._store is None:
+            from .store import open_store
+
+            hello = self.hello
+            self._store = open_store(
+                hello["state_dir"], hello["store_url"], lock_timeout=hello["lock_timeout"], keep=hello["keep"]
+            )
+        return self._store
+
     # -- liveness -------------------------------------------------------------------
 
     def held(self) -> bool:
@@ -394,7 +417,7 @@ class Keeper:
                 self.lose(str(error))
                 return
             except RunNotFound:
-                self.lose(f"run {self.run_id} is gone from the store {self.store.state_dir}")
+                self.lose(f"run {self.run_id} is gone from the store {self.hello['state_dir']}")
                 return
             except StateError as error:
                 # A connection the server ended is opened again by the retry: only a second
@@ -508,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     keeper = Keeper(control)
     keeper.start()
     keeper.loop()
+    os._exit(0)  # nothing buffered to flush: no interpreter teardown for the session to wait for
 
 
 if __name__ == "__main__":

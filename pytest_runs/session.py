@@ -39,6 +39,7 @@ from .backend import OwnerLock
 from .display import describe_holder, format_duration, held_for
 from .errors import StoreUnreachable
 from .fds import OwnedFd
+from .filebackend import ensure_state_dir
 from .hashing import HashError, hash_test_dir
 from .keeper_client import WORKER_KEEPER, KeeperClient
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
@@ -128,6 +129,8 @@ class TrackedSession:
             self.store = open_store(
                 settings.state_dir, settings.store_url, lock_timeout=settings.lock_timeout, keep=settings.keep
             )
+            if not settings.store_url:
+                ensure_state_dir(self.store.state_dir)  # where the keeper takes the lock
             self.keeper = self.liveness = KeeperClient.start(
                 state_dir=self.store.state_dir,
                 store_url=settings.store_url,
