@@ -24,9 +24,11 @@ the session's machine lives here, not in the session's process:
   as a shell reports a SIGKILL; never ``completed``), then it is SIGKILLed, and the keeper
   lets go of the lock once it is gone.
 
-The keeper ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT (it shares the session's process
-group, so that Ctrl-Z and ``kill -STOP`` of the group stop it too, but a Ctrl-C is the
-session's to handle); it ends when the session says it is done, or after the session.
+The keeper shares the session's process group, so that Ctrl-Z and ``kill -STOP`` of the
+group stop it too. SIGINT and SIGTERM to the group (Ctrl-C, ``timeout``) are the
+session's to handle, but the keeper arms the grace on them as well (unless the session
+ignores that signal), so that a session stuck in C is ended all the same. It ignores SIGHUP
+and SIGQUIT; it ends when the session says it is done, or after the session.
 
 The channel carries one JSON object per line. The session sends ``hello`` (the store and
 its own PID) and gets ``ready`` (the token and the address workers register at) or
@@ -56,7 +58,11 @@ FORCE_WINDOW = 0.5
 KILLED_EXIT_CODE = 128 + signal.SIGKILL
 #: The signal that tells the session to read the channel.
 NOTIFY_SIGNAL = signal.SIGURG
-_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_IGNORED = (signal.SIGHUP, signal.SIGQUIT)
+#: Signals to the whole process group (Ctrl-C, ``timeout``) that ask the session to stop: the
+#: keeper arms the grace itself, so that a session that cannot even run its handler (stuck in
+#: C with the GIL) is ended all the same.
+_STOPS = (signal.SIGINT, signal.SIGTERM)
 _WORKER_WAIT = 30.0
 
 
@@ -148,6 +154,13 @@ class Keeper:
         self.beat_failing = False
         self.pending: list[dict[str, Any]] = []
         self.hello_timeout: float | None = None
+        # The signals the group got, written by Python's C handler (set_wakeup_fd) and read here.
+        self.wakeup, writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(writer)
+        ignored = set(self.hello.get("ignored", ()))
+        for signum in _STOPS:
+            # What the session ignores (SIGINT in a background job) stays ignored here too.
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else _noted)
 
     # -- the channel ----------------------------------------------------------------
 
@@ -242,7 +255,7 @@ class Keeper:
 
     def loop(self) -> None:
         while True:
-            watched: list[Any] = [self.pidfd]
+            watched: list[Any] = [self.pidfd, self.wakeup]
             if self.control is not None:
                 watched.append(self.control)
             if self.listener is not None:
@@ -253,6 +266,8 @@ class Keeper:
             moments = [m for m in (self.next_beat, self.deadline, self.force_at, self.kill_at) if m is not None]
             timeout = max(0.0, min(moments) - time.monotonic()) if moments else None
             ready, _, _ = select.select(watched, [], [], timeout)
+            if self.wakeup in ready:
+                self.signalled()
             if self.pidfd in ready:
                 self.session_ended()
                 return
@@ -280,6 +295,16 @@ class Keeper:
             if self.next_beat is not None and now >= self.next_beat:
                 self.next_beat = now + self.heartbeat
                 self.beat()
+
+    def signalled(self) -> None:
+        """The process group got SIGINT or SIGTERM: the session got it too; the grace starts now."""
+        try:
+            numbers = os.read(self.wakeup, 64)
+        except OSError:
+            return
+        for number in numbers:
+            if number in _STOPS and self.run_id is not None and not self.let_go:
+                self.arm({"kind": "interrupted", "reason": f"interrupted by {signal.Signals(number).name}"})
 
     def handle(self, message: dict[str, Any]) -> bool:
         """One message from the session; True when the keeper is done."""
@@ -521,6 +546,10 @@ class Keeper:
             f"(the session was killed, exit status {KILLED_EXIT_CODE})"
         )
         return True
+
+
+def _noted(signum: int, frame: object) -> None:
+    """Python's C handler has written ``signum`` to the wakeup pipe; the loop reads it there."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -101,9 +101,16 @@ class KeeperClient:
 
     @classmethod
     def start(
-        cls, *, state_dir: Path, store_url: str | None, lock_timeout: float, keep: int | None, grace: float
+        cls,
+        *,
+        state_dir: Path,
+        store_url: str | None,
+        lock_timeout: float,
+        keep: int | None,
+        grace: float,
+        ignored: Collection[int] = (),
     ) -> KeeperClient:
-        """Start the keeper and wait until it holds the liveness lock.
+        """Start the keeper and wait until it holds the liveness lock (``ignored``: signals the session ignores).
 
         :class:`StoreUnreachable` or :class:`StateError` (in the keeper's words) if it cannot take it.
         """
@@ -133,6 +140,7 @@ class KeeperClient:
             "lock_timeout": lock_timeout,
             "keep": keep,
             "grace": grace,
+            "ignored": [int(signum) for signum in ignored],
         }
         client = cls(process, channel, token="", address="")
         try:

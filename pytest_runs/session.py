@@ -137,6 +137,7 @@ class TrackedSession:
                 lock_timeout=settings.lock_timeout,
                 keep=settings.keep,
                 grace=settings.grace,
+                ignored=self.stopper.ignored(),
             )
             self._teardown.callback(self.keeper.done)
             self.keeper.install(self._on_keeper_event)

@@ -97,6 +97,10 @@ class Stopper:
         for signum in _SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
+    def ignored(self) -> list[int]:
+        """The signals that were ignored before :meth:`install` (and so stay ignored)."""
+        return [signum for signum, previous in self._previous.items() if previous == signal.SIG_IGN]
+
     def uninstall(self) -> None:
         """Give SIGINT and SIGTERM back to their previous handlers."""
         for signum, previous in self._previous.items():

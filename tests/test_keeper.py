@@ -256,6 +256,32 @@ def test_a_test_stuck_in_c_with_the_gil_is_ended_at_its_deadline_plus_grace(
     assert "killing it (SIGKILL)" in session.output()
 
 
+GIL_STARTED = """
+import os, pathlib
+
+def test_holds_the_gil():
+    pathlib.Path(os.environ["STARTED_MARKER"]).write_text("")
+    sum(range(10**11))  # one C call, hours long, that never lets go of the GIL
+"""
+
+
+def test_a_sigterm_to_a_session_stuck_in_c_with_the_gil_ends_it_after_the_grace(
+    tmp_path: Path, sessions: list[Session], backend: tuple[str, ...]
+) -> None:
+    session = start("gil", make_project(tmp_path / "a", GIL_STARTED), tmp_path / "state", "--runs-grace=1", *backend)
+    sessions.append(session)
+    wait_for(session.started, session)
+    session.signal_group(signal.SIGTERM)  # as `timeout` does: the keeper gets it too
+    try:
+        session.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the session outlived its SIGTERM and --runs-grace=1 by a minute:\n{session.output()}")
+    run = the_run(store_of(tmp_path, backend))
+    assert session.process.returncode == -signal.SIGKILL, session.output()
+    assert (run.status, run.error_code, run.exit_code) == (Status.INTERRUPTED, "interrupted", 128 + signal.SIGKILL)
+    assert "interrupted by SIGTERM" in run.error_msg, run.error_msg
+
+
 # -- point 9: a test that closes every descriptor ------------------------------------------
 
 CLOSES_EVERYTHING = """
