@@ -10,7 +10,10 @@ The lock is an open-file-description lock (``F_OFD_SETLK``, Linux), falling back
 POSIX record lock elsewhere. An OFD lock is not lost when the process closes some *other*
 descriptor of the file (a test that copies the store), which a POSIX lock would be; it
 would be inherited by ``fork``, so a forked child closes its copy at once
-(``os.register_at_fork``): a daemon a test forks cannot keep the machine.
+(``os.register_at_fork``). A tracked session does not hold its lock in its own process at
+all: its keeper process does (:mod:`pytest_runs.keeper`), so that nothing a test forks,
+even from C code where at-fork handlers do not run, inherits it, and a daemon a test
+forks cannot keep the machine.
 
 Guarantees:
 

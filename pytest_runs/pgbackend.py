@@ -238,6 +238,7 @@ class PgBackend:
         self.lock_timeout = lock_timeout
         self._psycopg = _driver()
         self._conn: psycopg.Connection[Any] | None = None
+        self._socket: tuple[int, int] | None = None  # what self._conn's descriptor named when it was opened
         self._mutex = threading.Lock()
         self._inside = threading.local()
         self._ready = False
@@ -299,11 +300,18 @@ class PgBackend:
         return conn is None or conn.closed or conn.broken
 
     def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed and _socket_of(self._conn) != self._socket:
+            _abandoned.append(self._conn)  # closed under us (os.closerange): never close its number again
+            self._conn = None
         if self._conn is None or self._conn.closed:
             self._conn = self.connect()
+            self._socket = _socket_of(self._conn)
         return self._conn
 
     def _drop_connection(self) -> None:
+        if self._conn is not None and not self._conn.closed and _socket_of(self._conn) != self._socket:
+            _abandoned.append(self._conn)  # its descriptor was closed under us: never close that number
+            self._conn = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -823,15 +831,39 @@ class PgOwnerLock:
         self._guard = threading.Lock()
         #: Let go of for good: a still_held riding out an outage on another thread must not take it again.
         self._dropped = False
+        #: When the server had last started as the lock was taken (see :meth:`lost_to_a_restart`).
+        self._server_start: Any = None
 
     def acquire(self) -> None:
         self._conn = self._connect()
         try:
             self._conn.execute("SELECT pg_advisory_lock(%s)", (self._key,))
+            row = self._conn.execute(_SERVER_START).fetchone()
         except self.backend._psycopg.Error as error:
             self._close()
             raise self.backend.unreachable(error) from None
+        self._server_start = row[0] if row else None
         _live_locks.add(self)
+
+    def lost_to_a_restart(self) -> bool:
+        """After the lock's connection closed: whether the server went away with it (a restart), never raises.
+
+        Readers keep a run whose owner's lock went with a restart for its owner's lease, so its
+        owner may take the lock back and go on. A server that is up and did not restart since
+        the lock was taken ended the connection on purpose (``pg_terminate_backend``): anyone
+        may have found the lock free and taken the machine at once. A server that refuses
+        connections now is restarting; one that does not answer at all may be cut off from this
+        host while it stays up (it frees the lock once keepalives end the connection): not a
+        restart.
+        """
+        try:
+            with self.backend.connect(autocommit=True) as conn:
+                row = conn.execute(_SERVER_START).fetchone()
+        except StoreUnreachable as error:
+            return not _timed_out(error)
+        except Exception:
+            return False
+        return bool(row and self._server_start is not None and row[0] != self._server_start)
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = self.backend.connect(autocommit=True, **_KEEPALIVES)
@@ -846,7 +878,12 @@ class PgOwnerLock:
             raise self.backend.unreachable(error) from None
         return conn
 
-    def still_held(self) -> bool:
+    def fileno(self) -> int | None:
+        """The socket of the connection that holds the lock (to watch: it turns readable as it closes), or None."""
+        conn = self._conn
+        return None if conn is None or conn.closed else conn.fileno()
+
+    def still_held(self, *, take_back: bool = True) -> bool:
         """Whether the lock is held; if its connection was lost, take it again if nobody has.
 
         A server that restarted, or refuses connections while it does, is waited for (with
@@ -855,6 +892,7 @@ class PgOwnerLock:
         all (a timeout: this host may be cut off from a server that stays up, which frees the
         lock once its keepalives end the connection) is not waited for. Whether the run is still
         this session's is for the next heartbeat to say (a reclaim shows in the run).
+        With ``take_back=False`` a lost lock is only reported, never taken again.
         """
         if os.getpid() != self._pid:
             return False
@@ -873,6 +911,8 @@ class PgOwnerLock:
                 cut_off = _timed_out(error)
             else:
                 cut_off = False
+            if not take_back:
+                return False
             give_up_at = time.monotonic() + (0.0 if cut_off else self.backend.outage_window())
             pause = _FIRST_PAUSE
             while True:
@@ -889,6 +929,8 @@ class PgOwnerLock:
                     if self._dropped:  # let go of meanwhile, on another thread
                         self._close()
                         return False
+                    row = self._conn.execute(_SERVER_START).fetchone()
+                    self._server_start = row[0] if row else None
                     return True
                 except psycopg.errors.LockNotAvailable:
                     self._close()
@@ -936,6 +978,18 @@ class PgOwnerLock:
 
 
 _live_locks: set[PgOwnerLock] = set()
+# Connections whose descriptor a test closed (os.closerange), so that its number may now be
+# one of the test's files: kept, never closed (closing would close the test's file).
+_abandoned: list[Any] = []
+
+
+def _socket_of(conn: psycopg.Connection[Any]) -> tuple[int, int] | None:
+    """What ``conn``'s descriptor names (``st_dev``, ``st_ino``); ``None`` if it is closed or names nothing."""
+    try:
+        info = os.fstat(conn.fileno())
+    except Exception:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _forget_inherited_locks() -> None:

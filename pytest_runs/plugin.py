@@ -58,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if workerinput is not None:
         # An xdist worker: the controller owns the run and hands it over.
+        _tie_worker_to_its_session(workerinput)
         if (record := workerinput.get(WORKER_RUN)) is not None:
             config.stash[RUN_KEY] = Run.from_dict(record)
         if (reason := workerinput.get(WORKER_SKIP)) is not None:
@@ -95,6 +96,21 @@ def pytest_configure(config: pytest.Config) -> None:
     from .session import TrackedSession
 
     config.pluginmanager.register(TrackedSession(config, settings, test_dir, hash_ignore), "pytest-runs-tracker")
+
+
+def _tie_worker_to_its_session(workerinput: dict[str, Any]) -> None:
+    """Before this worker runs any test: it registers with the session's keeper (on the session's host)."""
+    keeper = workerinput.get("pytest_runs_keeper")
+    if keeper is None:
+        return
+    from .owner import boot_id
+
+    if keeper.get("boot_id") != boot_id():
+        return  # a worker on another host (xdist --tx ssh=...): only the session's fence ties it
+    from .keeper_client import register_worker
+
+    if (why := register_worker(keeper)) is not None:
+        raise pytest.UsageError(f"pytest-runs: this xdist worker runs no test: {why}")
 
 
 # Sessions that only list or plan, and run no test and no fixture: they take no machine.

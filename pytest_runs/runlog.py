@@ -18,15 +18,17 @@ with one warning; the session and its tests go on as they would.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
 from typing import IO, Any
 
 import pytest
+
+from .fds import OwnedFd
 
 __all__ = ["RunLog", "report_entry"]
 
@@ -42,7 +44,10 @@ class RunLog:
     """
 
     def __init__(self, handle: IO[str], warn: Callable[[str], None]) -> None:
-        self._handle: IO[str] | None = handle
+        # A descriptor checked before each write and the close: a test may close it (os.closerange)
+        # and get its number for a file of its own, which the log must never write to nor close.
+        self._handle: OwnedFd | None = OwnedFd(os.dup(handle.fileno()))
+        handle.close()
         self._warn = warn
 
     def write(self, event: str, **fields: Any) -> None:
@@ -66,18 +71,23 @@ class RunLog:
 
     def _append(self, line: str) -> None:
         assert self._handle is not None
+        fd = self._handle.fileno()
+        if fd is None:
+            self._warn("pytest-runs: WARNING: the run log stopped: its descriptor was closed under it (by a test?)")
+            self._handle = None
+            return
+        data = (line + "\n").encode("ascii", "backslashreplace")
         try:
-            self._handle.write(line + "\n")
-            self._handle.flush()
-        except (OSError, ValueError) as error:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as error:
             self._warn(f"pytest-runs: WARNING: the run log stopped: {error}")
             self.close()
 
     def close(self) -> None:
-        """Close the log; later writes do nothing."""
+        """Close the log (if its descriptor is still its own); later writes do nothing."""
         if self._handle is not None:
-            with contextlib.suppress(OSError):
-                self._handle.close()
+            self._handle.close()
             self._handle = None
 
 

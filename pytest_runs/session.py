@@ -3,14 +3,18 @@
 :class:`TrackedSession` is registered as a plugin in the controlling process only
 (never in an xdist worker). Its order of events carries the guarantees:
 
-1. It takes its liveness lock, then prepares and claims its run, which records the
-   lock's token, the session's own lease and the machine's new fence.
-2. While it runs, a heartbeat thread refreshes the run and checks that it is still
-   this session's; a session that lost its machine (released, reclaimed, its record
-   gone) stops: no further test starts, and it exits with :data:`EXIT_MACHINE_LOST`.
-3. A deadline, a signal or a lost machine stops the session through :class:`Stopper`,
-   which ends it by force if it does not stop within the grace.
-4. At the end it records how the session ended, and only then drops its liveness lock.
+1. It starts its keeper (:mod:`pytest_runs.keeper`), a process of its own that takes the
+   liveness lock, then prepares and claims its run, which records the lock's token, the
+   session's own lease and the machine's new fence. The session's own process holds no
+   lock and runs no thread of pytest-runs while tests run.
+2. While it runs, the keeper refreshes the run and checks that it is still this
+   session's; a session that lost its machine (released, reclaimed, its record gone, its
+   database liveness connection closed, its keeper dead) stops: no further test starts,
+   and it exits with :data:`EXIT_MACHINE_LOST`.
+3. A deadline (kept by the keeper), a signal or a lost machine stops the session through
+   :class:`Stopper`; the keeper ends it by force if it does not stop within the grace.
+4. At the end it records how the session ended, and only then does the keeper let go of
+   the liveness lock.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from _pytest._io import TerminalWriter
 from .backend import OwnerLock
 from .display import describe_holder, describe_unclaimed, format_duration, held_for
 from .errors import StoreUnreachable
+from .fds import OwnedFd
+from .filebackend import ensure_state_dir
 from .hashing import HashError, hash_test_dir
+from .keeper_client import WORKER_KEEPER, KeeperClient
 from .keys import RUN_KEY, SKIP_KEY, WORKER_RUN, WORKER_SKIP
 from .model import PrepareOutcome, Run, Status
 from .options import (
@@ -88,19 +95,24 @@ class TrackedSession:
         self.counts: Counter[str] = Counter()
         self.owner = dataclasses.replace(Owner.current(), lease=settings.lease)
         self.liveness: OwnerLock | None = None
+        self.keeper: KeeperClient | None = None
         self.stopper = Stopper(
-            grace=settings.grace, force=self._force_end, say=self._say, interrupted_status=EXIT_INTERRUPTED
+            grace=settings.grace,
+            force=self._force_end,
+            say=self._say,
+            interrupted_status=EXIT_INTERRUPTED,
+            arm=self._arm_grace,
+            spare=self._spared,
         )
         self._ending = threading.Lock()
+        #: The end is being recorded now (a force asked for meanwhile is the keeper's to carry out).
+        self._recording = False
         # Everything the session holds, let go in reverse order by pytest_unconfigure.
         self._teardown = contextlib.ExitStack()
-        # Stopped (before the end is recorded) by _stop_threads.
-        self._threads = contextlib.ExitStack()
-        self._say_fd: int | None = None
+        self._say_fd: OwnedFd | None = None
         self._log: RunLog | None = None
         self._started = time.monotonic()
         self._refused = False
-        self._beat_failing = False
         self._end_tried = False
         self._interrupt_reason = ""
         self._final_line: _FinalLineClock | None = None
@@ -114,8 +126,8 @@ class TrackedSession:
         self.session = session
         # Capturing is suspended during sessionstart: this is the real stderr, where the
         # heartbeat and the watchdog can speak at once even while a test's output is captured.
-        self._say_fd = os.dup(2)
-        self._teardown.callback(self._close_say_fd)
+        self._say_fd = OwnedFd(os.dup(2))
+        self._teardown.callback(self._say_fd.close)
         self._final_line = _FinalLineClock.register(self.config)
         self.stopper.install()
         self._teardown.callback(self.stopper.uninstall)
@@ -125,7 +137,19 @@ class TrackedSession:
             self.store = open_store(
                 settings.state_dir, settings.store_url, lock_timeout=settings.lock_timeout, keep=settings.keep
             )
-            self.liveness = self.store.liveness_lock()
+            if not settings.store_url:
+                ensure_state_dir(self.store.state_dir)  # where the keeper takes the lock
+            self.keeper = self.liveness = KeeperClient.start(
+                state_dir=self.store.state_dir,
+                store_url=settings.store_url,
+                lock_timeout=settings.lock_timeout,
+                keep=settings.keep,
+                grace=settings.grace,
+                ignored=self.stopper.ignored(),
+            )
+            self._teardown.callback(self.keeper.done)
+            self.keeper.install(self._on_keeper_event)
+            self._teardown.callback(self.keeper.uninstall)
             self._teardown.callback(self._let_go)
             self.owner = dataclasses.replace(self.owner, token=self.liveness.token)
             test_dir_hash = hash_test_dir(
@@ -416,62 +440,56 @@ class TrackedSession:
         self._set_env(RUN_ID_ENV, self.run.id)
         self._set_env(OPTIONS["machine"].env or "PYTEST_RUNS_MACHINE", self.run.machine)
         self._set_env(FENCE_ENV, str(self.run.fence) if self.run.fence is not None else None)
-        self._threads.enter_context(Heartbeat(self.settings.heartbeat, self._beat))
-        if self.settings.timeout is not None:
-            self._threads.enter_context(Deadline(self.settings.timeout, self._on_deadline))
-        self._teardown.callback(self._threads.close)
+        if self.keeper is not None:
+            self.keeper.begin(self.run.id, self.owner.run_fields(), self.settings.heartbeat, self.settings.timeout)
 
     def _set_env(self, name: str, value: str | None) -> None:
         self._teardown.enter_context(_environment_variable(name, value))
 
-    def _close_say_fd(self) -> None:
-        if self._say_fd is not None:
-            os.close(self._say_fd)
-            self._say_fd = None
-
-    def _on_deadline(self) -> None:
-        reason = f"session passed its deadline (--runs-timeout={self.settings.timeout:g}s)"
+    def _on_deadline(self, reason: str) -> None:
+        __tracebackhide__ = True
         self.stopper.stop(StopKind.TIMEOUT, reason, EXIT_INTERRUPTED)
 
-    def _beat(self) -> bool:
-        """One heartbeat: True to go on, False once the machine is lost."""
-        assert self.run is not None and self.store is not None
-        if self.liveness is not None and not self.liveness.still_held():
-            # Without it, another session may already have taken the machine: not provably ours.
-            self._lose_machine(f"run {self.run.id} lost its liveness lock and cannot take it again")
-            return False
-        try:
-            self.store.heartbeat(self.run.id, self.owner)
-            self._beat_failing = False
-            return True
-        except RunEnded as ended:
-            self.ended_elsewhere = ended.run
-            reason = f"run {ended.run.id} was ended by someone else ({ended.run.status.value}, {ended.run.error_msg})"
-        except InvalidTransition as error:
-            reason = str(error)
-        except RunNotFound:
-            reason = f"run {self.run.id} is gone from the store {self.store.state_dir}"
-        except StateError as error:
-            # The store cannot tell now: that is not proof of a lost machine. Say so once a streak.
-            if not self._beat_failing:
-                self._say(f"pytest-runs: WARNING: heartbeat of run {self.run.id} failed: {error}")
-            self._beat_failing = True
-            return True
-        self._lose_machine(reason)
-        return False
-
-    def _lose_machine(self, reason: str) -> None:
-        machine = self.run.machine if self.run is not None else self.settings.machine
-        if self.stopper.stop(StopKind.LOST, f"lost machine {machine}: {reason}", EXIT_MACHINE_LOST):
-            self._say(
-                f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; "
-                f"stopping, exit status {EXIT_MACHINE_LOST}"
+    def _on_keeper_event(self, event: dict[str, Any]) -> None:
+        """News from the keeper, on the main thread (a signal handler, or before a test)."""
+        __tracebackhide__ = True
+        op = event.get("op")
+        if op == "lost":
+            self._lose_machine(str(event.get("reason")))
+        elif op == "timeout":
+            self._on_deadline(str(event.get("reason")))
+        elif op == "force" and not self._recording:
+            self.stopper.end_now()
+        elif op == "gone" and self.final is None:
+            self._lose_machine(
+                f"its keeper process ended (exit status {event.get('status')}), and its liveness lock with it"
             )
 
+    def _arm_grace(self, request: StopRequest) -> bool:
+        """A stop was asked for: the keeper keeps the grace (False if it cannot, and a watchdog thread must)."""
+        return self.keeper is not None and self.keeper.ask_to_stop(request.kind.value, request.reason)
+
+    def _spared(self) -> set[int]:
+        """Children a stop leaves alone: the keeper ends after the session, by itself."""
+        return {self.keeper.process.pid} if self.keeper is not None else set()
+
+    def _lose_machine(self, reason: str) -> None:
+        __tracebackhide__ = True
+        machine = self.run.machine if self.run is not None else self.settings.machine
+        if self.stopper.request is not None:
+            return  # stopping already: the first stop wins
+        # Said before the stop, which may interrupt this very thread.
+        self._say(
+            f"pytest-runs: ERROR: this session lost machine {machine}: {reason}; "
+            f"stopping, exit status {EXIT_MACHINE_LOST}"
+        )
+        self.stopper.stop(StopKind.LOST, f"lost machine {machine}: {reason}", EXIT_MACHINE_LOST)
+
     def _say(self, line: str) -> None:
-        if self._say_fd is not None:
+        fd = self._say_fd.fileno() if self._say_fd is not None else None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.write(self._say_fd, f"\n{line}\n".encode(errors="backslashreplace"))
+                os.write(fd, f"\n{line}\n".encode(errors="backslashreplace"))
 
     def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
         # pytest.exit("why"), xdist's "stopping after N failures", a KeyboardInterrupt: keep the why.
@@ -480,6 +498,8 @@ class TrackedSession:
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist: hand the run (or the skip reason) to each worker."""
+        if self.keeper is not None:
+            node.workerinput[WORKER_KEEPER] = {**self.keeper.worker_input(), "boot_id": self.owner.boot_id}
         if self.run is not None:
             node.workerinput[WORKER_RUN] = self.run.to_dict()
         if self.skip_reason is not None:
@@ -489,6 +509,8 @@ class TrackedSession:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> bool | None:
+        if self.keeper is not None and os.getpid() == self.owner.pid:
+            self.keeper.dispatch()  # in case a test replaced the handlers that would have said it at once
         request = self.stopper.request
         if request is None:
             return None
@@ -604,12 +626,13 @@ class TrackedSession:
             self._summarise(reporter)
         self._teardown.close()
 
-    def _stop_threads(self) -> None:
-        self._threads.close()
+    def _stop_beating(self) -> None:
+        if self.keeper is not None:
+            self.keeper.ending()
 
     def _finish(self, exitstatus: int, request: StopRequest | None) -> None:
         """Record how the session ended (``request``: the stop asked for before the end, if any)."""
-        self._stop_threads()
+        self._stop_beating()
         if self.run is None or self.store is None or self.final is not None:
             return
         self._end_tried = True
@@ -673,6 +696,7 @@ class TrackedSession:
         with self._ending:
             if self.final is not None:
                 return
+            self._recording = True
             try:
                 self.final = self.store.finish(
                     self.run.id,
@@ -690,6 +714,8 @@ class TrackedSession:
                 self._say(f"pytest-runs: the end of run {self.run.id} was not recorded: {error}")
             except StateError as error:
                 self._say(f"pytest-runs: could not record the end of run {self.run.id}: {error}")
+            finally:
+                self._recording = False
 
     def _force_end(self, request: StopRequest) -> None:
         """The watchdog's last act: record the end, quickly, from its own thread."""
@@ -788,44 +814,6 @@ class _FinalLineClock:
         finally:
             with contextlib.suppress(Exception):  # a reporter that differs: the session's own clock then
                 self.seconds = float(self._reporter._session_start.elapsed().seconds)
-
-
-class Heartbeat:
-    """Calls ``beat`` every ``interval`` seconds on its own thread until it returns False or the context exits."""
-
-    def __init__(self, interval: float, beat: Callable[[], bool]) -> None:
-        self._interval = interval
-        self._beat = beat
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pytest-runs-heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval) and self._beat():
-            pass
-
-
-class Deadline:
-    """Calls ``expire`` once ``seconds`` from entering, unless the context exits first."""
-
-    def __init__(self, seconds: float, expire: Callable[[], object]) -> None:
-        self._timer = threading.Timer(seconds, expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._timer.cancel()
 
 
 @contextlib.contextmanager

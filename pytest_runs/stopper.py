@@ -2,11 +2,13 @@
 
 A stop is requested by a signal (SIGINT, SIGTERM), by the session's deadline or by the
 loss of its machine. The first request wins and is never replaced. It interrupts the
-main thread (a ``KeyboardInterrupt``, pytest's own way to stop) and arms a watchdog:
-if the process has not ended ``grace`` seconds later, because a test swallowed the
-interrupt, ignores signals or hangs in teardown, the watchdog records the end through
-``force``, kills every process the session started, and ends the process with the
-request's exit status. Repeated signals while a stop is under way are absorbed with
+main thread (a ``KeyboardInterrupt``, pytest's own way to stop) and arms the grace
+through ``arm`` (the session's keeper process keeps it, see :mod:`pytest_runs.keeper`);
+only where ``arm`` cannot, a watchdog thread keeps it here. When the grace is over
+(:meth:`Stopper.end_now`, or the watchdog), because a test swallowed the interrupt,
+ignores signals or hangs in teardown, the end is recorded through ``force``, every
+process the session started is killed (``spare`` excepted) and the process ends with
+the request's exit status. Repeated signals while a stop is under way are absorbed with
 one line, so that a second Ctrl-C (or ``timeout``'s second SIGTERM) can never turn an
 interrupted session into a traceback or a success.
 """
@@ -22,7 +24,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from types import FrameType
 from typing import Any
 
@@ -65,12 +67,17 @@ class Stopper:
         force: Callable[[StopRequest], None],
         say: Callable[[str], None],
         interrupted_status: int,
+        arm: Callable[[StopRequest], bool] | None = None,
+        spare: Callable[[], Collection[int]] = frozenset,
     ) -> None:
         self.grace = grace
         self._force = force
         self._say = say
         self._interrupted_status = interrupted_status
-        self._guard = threading.Lock()
+        self._arm = arm
+        self._spare = spare
+        # Reentrant: a signal handler may request a stop while the main thread records another.
+        self._guard = threading.RLock()
         self._request: StopRequest | None = None
         self._watchdog: threading.Timer | None = None
         self._previous: dict[int, Any] = {}
@@ -92,6 +99,10 @@ class Stopper:
         for signum in _SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
+    def ignored(self) -> list[int]:
+        """The signals that were ignored before :meth:`install` (and so stay ignored)."""
+        return [signum for signum, previous in self._previous.items() if previous == signal.SIG_IGN]
+
     def uninstall(self) -> None:
         """Give SIGINT and SIGTERM back to their previous handlers."""
         for signum, previous in self._previous.items():
@@ -103,14 +114,18 @@ class Stopper:
 
         Returns ``False`` (and changes nothing) if a stop was already requested.
         """
+        __tracebackhide__ = True
         if not self._record(StopRequest(kind, reason, exit_status)):
             return False
-        self._interrupt_main()
         # Nobody else signals them: stop the session's children too (xdist workers start no
-        # further test; a test's own subprocesses end with it).
+        # further test; a test's own subprocesses end with it). First: called on the main
+        # thread (a signal handler), the interrupt below raises right there.
+        spared = self._spare()
         for child in children(os.getpid()):
-            with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGINT)
+            if child not in spared:
+                with contextlib.suppress(OSError):
+                    os.kill(child, signal.SIGINT)
+        self._interrupt_main()
         return True
 
     def disarm(self) -> None:
@@ -144,12 +159,21 @@ class Stopper:
             if self._request is not None:
                 return False
             self._request = request
+        if self._arm is not None and self._arm(request):
+            return True  # the grace is kept outside this process (the keeper)
+        with self._guard:
             self._watchdog = threading.Timer(self.grace, self._end_for_certain)
             self._watchdog.daemon = True
             self._watchdog.start()
         return True
 
+    def end_now(self) -> None:
+        """The grace is over (the keeper says so): record what can be recorded and end the process now."""
+        if self._request is not None:
+            self._end_for_certain()
+
     def _interrupt_main(self) -> None:
+        __tracebackhide__ = True
         if not self._previous or self._main_ident is None:
             # No handler of ours to receive it (not installed from the main thread): the
             # watchdog alone ends the session.
@@ -201,9 +225,11 @@ class Stopper:
             self._force(request)
         finally:
             _flush_quickly()
+            spared = self._spare()
             for pid in descendants(os.getpid()):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+                if pid not in spared:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             os._exit(request.exit_status)
 
 

@@ -435,7 +435,9 @@ def test_a_forked_child_that_runs_into_pytests_end_does_not_give_the_machine_awa
         """
     )
     state_dir = tmp_path / "state"
-    holder, started, release = session(pytester, state_dir, tmp_path, "holder")
+    # Without pytest-rerunfailures, which runs a thread of its own wherever xdist is installed:
+    # on Python 3.12+ any thread makes the fork warn, and pytest-runs' own must not.
+    holder, started, release = session(pytester, state_dir, tmp_path, "holder", "-p", "no:rerunfailures")
     wait_for(started, holder)
     time.sleep(1)  # the forked child has long finished its copy of the session by now
     intruder = session_of_other_tests(pytester, state_dir)
