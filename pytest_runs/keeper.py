@@ -56,6 +56,8 @@ from typing import Any
 FORCE_WINDOW = 0.5
 #: The exit code recorded for a session the keeper had to SIGKILL (as a shell reports it).
 KILLED_EXIT_CODE = 128 + signal.SIGKILL
+#: Seconds a waiting session's keeper tries at most to take a lost database lock back at once.
+WAITING_RIDE_OUT = 1.0
 #: The signal that tells the session to read the channel.
 NOTIFY_SIGNAL = signal.SIGURG
 _IGNORED = (signal.SIGHUP, signal.SIGQUIT)
@@ -397,7 +399,21 @@ class Keeper:
     # -- liveness -------------------------------------------------------------------
 
     def held(self) -> bool:
-        return self.lock is not None and not self.let_go and not self.lost and bool(self.lock.still_held())
+        if self.lock is None or self.let_go or self.lost:
+            return False
+        if self.run_id is None:
+            return self._held_while_waiting()
+        return bool(self.lock.still_held())
+
+    def _held_while_waiting(self) -> bool:
+        """Before the run begins: held, or taken back, within :data:`WAITING_RIDE_OUT` at most.
+
+        A waiting session's every wait has its own bound, and the keeper answers one message at
+        a time: it never rides out a whole outage here (the session asks again at its next look).
+        """
+        if getattr(self.lock, "fileno", None) is None:
+            return bool(self.lock.still_held())  # the files: a lock on this kernel is asked at once
+        return bool(self.lock.still_held(within=WAITING_RIDE_OUT))
 
     def _liveness_fd(self) -> int | None:
         fileno = getattr(self.lock, "fileno", None)
@@ -411,7 +427,7 @@ class Keeper:
         if self.run_id is None:
             # Still waiting: no run of ours is running; take the lock back if it is free (the
             # session asks before each look and each claim, and runs no test without it).
-            self.lock.still_held()
+            self._held_while_waiting()
             return
         if self.lock.still_held(take_back=False):
             return

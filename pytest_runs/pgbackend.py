@@ -883,7 +883,7 @@ class PgOwnerLock:
         conn = self._conn
         return None if conn is None or conn.closed else conn.fileno()
 
-    def still_held(self, *, take_back: bool = True) -> bool:
+    def still_held(self, *, take_back: bool = True, within: float | None = None) -> bool:
         """Whether the lock is held; if its connection was lost, take it again if nobody has.
 
         A server that restarted, or refuses connections while it does, is waited for (with
@@ -892,7 +892,8 @@ class PgOwnerLock:
         all (a timeout: this host may be cut off from a server that stays up, which frees the
         lock once its keepalives end the connection) is not waited for. Whether the run is still
         this session's is for the next heartbeat to say (a reclaim shows in the run).
-        With ``take_back=False`` a lost lock is only reported, never taken again.
+        With ``take_back=False`` a lost lock is only reported, never taken again; ``within``
+        bounds how long it tries to take it back (a waiting session's wait has its own bound).
         """
         if os.getpid() != self._pid:
             return False
@@ -913,7 +914,8 @@ class PgOwnerLock:
                 cut_off = False
             if not take_back:
                 return False
-            give_up_at = time.monotonic() + (0.0 if cut_off else self.backend.outage_window())
+            window = self.backend.outage_window() if within is None else min(within, self.backend.outage_window())
+            give_up_at = time.monotonic() + (0.0 if cut_off else window)
             pause = _FIRST_PAUSE
             while True:
                 self._close()

@@ -164,7 +164,8 @@ def test_a_waiter_waits_through_an_outage_until_its_wait_timeout_then_exits_69(
     # It waited its whole wait (not exiting at the first closed connection), and not much longer.
     assert 8 <= waited < 8 + 30, waited
     holder.release.write_text("go")
-    assert holder.finish()[0] == 0
+    holder_code, holder_output = holder.finish()
+    assert holder_code == 0, holder_output
 
 
 def test_a_holder_whose_tests_span_a_restart_records_its_end(
