@@ -478,6 +478,7 @@ class Live:
     terminated: int = 0
     terminated_at: float = -1e9  # monotonic
     stopped: bool = False
+    continued: float | None = None  # wall time of the last SIGCONT (its group's stopped keeper woke then)
     cut_off: bool = False
     outlived: float = 0.0  # how long after its end a process of it was last seen alive
     pending: list[tuple[str, Fault]] = dataclasses.field(default_factory=list)  # faults waiting for the first test
@@ -706,6 +707,8 @@ class Runner:
         if not self._signal(live, signal.SIGCONT, target) and target is not None:
             self._signal(live, signal.SIGCONT, None)
         live.stopped = False
+        if target is None:  # the group was stopped, its keeper with it
+            live.continued = time.time()
 
     def _terminate(self, live: Live, scope: str) -> None:
         if self.url is None or self._outage():
@@ -909,6 +912,7 @@ class Ending:
     launched: float = 0.0
     exited: float | None = None
     busy: frozenset[str] = frozenset()  # run IDs it was told held its machine
+    continued: float | None = None  # the last SIGCONT: a keeper stopped with its group held the lock until then
 
 
 def parse_stamps(lines: Iterable[str]) -> list[Stamp]:
@@ -1022,11 +1026,18 @@ def kept_by_the_dead(endings: Sequence[Ending], found: Iterable[Interval], slack
 
     Once a session's process is gone, its run is stale at once (its liveness lock died with
     it), so such a busy answer means something else kept the machine: a forked helper that
-    inherited the lock, say (issue 17, point 3).
+    inherited the lock, say (issue 17, point 3). A session's keeper shares its process group:
+    one killed while its group was stopped leaves the keeper stopped, holding the lock, until
+    the SIGCONT, so such a session is gone from then only (a stopped keeper is its session's
+    last process, and keeps the machine as a stopped session does).
     """
     owner = {interval.run: interval.sid for interval in found}
     owner.update((run, ending.sid) for ending in endings for run in ending.printed)
-    ended = {ending.sid: ending.exited for ending in endings if ending.exited is not None}
+    ended = {
+        ending.sid: max(ending.exited, ending.continued or ending.exited)
+        for ending in endings
+        if ending.exited is not None
+    }
     kept = []
     for ending in endings:
         for run in sorted(ending.busy):
@@ -1177,7 +1188,8 @@ def soak(backend: str, args: argparse.Namespace, work: Path, namespaces: bool) -
     outputs = [live.output.read_text(errors="replace") for live in lives]
     endings = [
         Ending(live.plan.sid, live.plan.machine, live.status, live.killed, live.cut_off,
-               frozenset(RUN_LINE.findall(output)), live.launched, live.exited, frozenset(BUSY_LINE.findall(output)))
+               frozenset(RUN_LINE.findall(output)), live.launched, live.exited, frozenset(BUSY_LINE.findall(output)),
+               live.continued)
         for live, output in zip(lives, outputs, strict=True)
     ]  # fmt: skip
     stamps = [s for live in lives if live.stamps.exists() for s in parse_stamps(live.stamps.read_text().splitlines())]
@@ -1300,7 +1312,10 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         for label, found in (("undocumented", r.flagged), ("kept by the dead", r.kept), ("disagree", r.disagree)):
             for problem in found:  # each starts with the session's ID
                 live = lives.get(problem.split(":")[0].split()[0])
-                lines.append(f"{label}: {problem}" + (f" ({told(live.plan.sid)})" if live is not None else ""))
+                line = f"{label}: {problem}" + (f" ({told(live.plan.sid)})" if live is not None else "")
+                if label == "kept by the dead" and (holder := lives.get(problem.split(" of ")[-1].split(",")[0])):
+                    line += f"; holder {holder.plan.sid}: {told(holder.plan.sid)}"  # the parenthesis is the told one's
+                lines.append(line)
         if lines:
             print(f"\n{r.backend}: findings ({len(lines)})")
             for line in lines[:40]:

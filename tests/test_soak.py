@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -104,6 +105,9 @@ def test_a_busy_answer_naming_the_run_of_a_session_already_gone_is_flagged(soak:
     assert soak.kept_by_the_dead(endings, found) == [
         "c was told rig-1 is busy with run run-a of a, which had ended 3.0 s before it started"
     ]
+    # a was killed while its group was stopped: its keeper, stopped too, held the lock until the SIGCONT at 6.
+    stopped = dataclasses.replace(endings[0], status=-9, continued=6.0)
+    assert soak.kept_by_the_dead([stopped, *endings[1:]], found) == []
 
 
 def test_an_exit_status_the_run_record_contradicts_is_flagged(soak: ModuleType) -> None:
