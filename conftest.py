@@ -6,6 +6,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
+from typing import Protocol
 
 import pytest
 
@@ -53,3 +54,16 @@ def pg_url() -> Iterator[str]:
         admin.execute("SET lock_timeout = '30s'")
         admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         admin.close()
+
+
+class _Started(Protocol):
+    def kill_group(self) -> None: ...
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[_Started]]:
+    """Every session (``tests/_sessions.Session``) a test starts; whatever is left of them is killed at the end."""
+    started: list[_Started] = []
+    yield started
+    for session in started:
+        session.kill_group()

@@ -84,14 +84,6 @@ def stop_outside_the_store_lock(session: Session, url: str) -> None:
     raise AssertionError("the session never let go of the store lock")
 
 
-@pytest.fixture
-def sessions() -> Iterator[list[Session]]:
-    started: list[Session] = []
-    yield started
-    for session in started:
-        session.kill_group()
-
-
 # -- the library on the database --------------------------------------------------------
 
 

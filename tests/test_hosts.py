@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,15 +40,6 @@ from pytest_runs.owner import boot_id
 BUSY = 75
 FREED_AT_ONCE = "its liveness lock is free: the owning process has ended"
 FOREIGN_BOOT = "00000000-0000-4000-8000-0000000f0e19"  # the boot ID of a host this one cannot observe
-
-
-@pytest.fixture
-def sessions() -> Iterator[list[Session]]:
-    """Every session a test starts; whatever is left of them is killed at the end."""
-    started: list[Session] = []
-    yield started
-    for session in started:
-        session.kill_group()
 
 
 @pytest.fixture

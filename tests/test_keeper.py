@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from pytest_runs import Run, Status, Store
 from pytest_runs.store import open_store
 
 BACKENDS = ["files", "postgresql"]
-
-
-@pytest.fixture
-def sessions() -> Iterator[list[Session]]:
-    """Every session a test starts; whatever is left of them is killed at the end."""
-    started: list[Session] = []
-    yield started
-    for session in started:
-        session.kill_group()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -89,14 +89,6 @@ def url(server: Server) -> str:
     return f"{server.base_url}?schema=o_{secrets.token_hex(4)}"
 
 
-@pytest.fixture
-def sessions() -> Iterator[list[Session]]:
-    started: list[Session] = []
-    yield started
-    for session in started:
-        session.kill_group()
-
-
 def db_store(url: str, tmp_path: Path) -> Store:
     return open_store(tmp_path / "reader", url)
 

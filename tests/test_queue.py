@@ -293,14 +293,6 @@ def test_record():
 """
 
 
-@pytest.fixture
-def sessions() -> Iterator[list[Session]]:
-    started: list[Session] = []
-    yield started
-    for session in started:
-        session.kill_group()
-
-
 def in_line(store: Store, count: int, session: Session) -> None:
     deadline = time.monotonic() + 60
     while len(store.queue()) < count:
