@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_duplicate_fences_missing_records_and_odd_statuses_are_flagged(soak: Mod
 def test_a_busy_answer_naming_the_run_of_a_session_already_gone_is_flagged(soak: ModuleType) -> None:
     found = soak.intervals(soak.parse_stamps([line("start", 1, "a"), line("end", 2, "a")]), {})
 
-    def ending(sid: str, launched: float, exited: float, busy: tuple[str, ...] = ()) -> object:
+    def ending(sid: str, launched: float, exited: float, busy: tuple[str, ...] = ()) -> Any:
         return soak.Ending(sid, "rig-1", 0, None, False, frozenset(), launched, exited, frozenset(busy))
 
     # b asked while a lived (launched before a ended): an honest busy answer; c started 3 s after a was gone.
