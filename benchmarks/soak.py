@@ -81,6 +81,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pytest_runs.owner import proc_stat
+
 MACHINES = ("rig-0", "rig-1", "rig-2")
 POLICIES = ("fail", "wait", "skip")
 #: Exit statuses the README documents for a session (pytest's own, and pytest-runs' 75, 76, 69).
@@ -292,10 +294,9 @@ def proc_table() -> dict[int, tuple[int, str]]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+            fields = proc_stat(entry)
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2:
             table[int(entry)] = (int(fields[1]), fields[0])
     return table

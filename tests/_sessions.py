@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from pytest_runs.owner import proc_stat
 from pytest_runs.stopper import children
 
 # The store's lock file, which the test never keeps locked.
@@ -211,10 +212,9 @@ def group_states(pgid: int) -> dict[int, str]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+            fields = proc_stat(entry)
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid:
             states[int(entry)] = fields[0]
     return states

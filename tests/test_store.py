@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from _sessions import store_lock_is_free
 
 from pytest_runs import (
     InvalidTransition,
@@ -698,24 +699,13 @@ def _fork_inside_a_transaction(state: Path, how: str, kill: bool) -> tuple[subpr
     return helper, child
 
 
-def _lock_is_free(path: Path) -> bool:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
 @pytest.mark.parametrize("how", ["c-fork", "os.fork", "multiprocessing"])
 def test_a_child_forked_inside_a_transaction_does_not_keep_the_store_lock(tmp_path: Path, how: str) -> None:
     state = tmp_path / "state"
     helper, child = _fork_inside_a_transaction(state, how, kill=False)
     try:
         # Free the moment the transaction ended, although the child holds a copy of its descriptor.
-        assert _lock_is_free(state / "runs.lock"), f"the child (PID {child}) kept the store lock"
+        assert store_lock_is_free(state), f"the child (PID {child}) kept the store lock"
         store = Store(state, lock_timeout=30)
         run = store.active_by_machine("rig-1")
         assert run is not None
@@ -733,7 +723,7 @@ def test_a_child_forked_by_os_fork_lets_go_at_once_even_if_the_parent_dies_holdi
     state = tmp_path / "state"
     helper, child = _fork_inside_a_transaction(state, how, kill=True)
     try:
-        assert _lock_is_free(state / "runs.lock"), f"the child (PID {child}) kept its copy of the lock"
+        assert store_lock_is_free(state), f"the child (PID {child}) kept its copy of the lock"
         assert len(Store(state, lock_timeout=30).list()) == 1, "the killed transaction changed nothing"
     finally:
         os.killpg(helper.pid, signal.SIGKILL)
@@ -753,7 +743,7 @@ def test_a_lock_kept_by_a_c_forked_child_of_a_dead_holder_names_the_child(tmp_pa
     finally:
         os.killpg(helper.pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while not _lock_is_free(state / "runs.lock"):
+    while not store_lock_is_free(state):
         assert time.monotonic() < deadline, "the lock outlived the child that kept it"
         time.sleep(0.05)
     assert len(Store(state).list()) == 1
