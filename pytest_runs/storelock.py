@@ -176,7 +176,9 @@ def describe_holders(path: Path, takers: list[int]) -> tuple[list[int], str, str
     looks for the processes whose descriptors hold it (``/proc/PID/fdinfo``, as far as this
     user may look) and names them. Linux only; elsewhere, or with nothing found, the takers.
     """
-    keepers = _keepers(path)
+    # The takers first (a process that inherited the descriptor comes after the one that took
+    # the lock), however /proc happens to list them: PIDs wrap around.
+    keepers = sorted(_keepers(path), key=lambda pid: pid not in takers)
     gone = [pid for pid in takers if not _alive(pid)]
     if keepers and set(keepers) != set(takers):
         previous = [pid for pid in takers if pid not in keepers]
